@@ -1,0 +1,239 @@
+"""Exceptions raised by termsafe.
+
+Errors (something is wrong and the caller should know)::
+
+    TermsafeError(Exception)
+    ├── ConfigurationError(ValueError)       bad argument value: grace, phases, kinds
+    │   └── UnknownSectionKind(KeyError)      a critical-section kind nobody registered
+    ├── InvalidArgumentType(TypeError)       an argument of the wrong type
+    ├── WorkflowNotFound(LookupError)        no live workflow has that id
+    ├── DuplicateWorkflow(ValueError)        a live workflow already has that id
+    ├── NoActiveWorkflow(RuntimeError)       a call that needs a workflow found none in scope
+    ├── InvalidTransition(RuntimeError)      a state change the transition table forbids
+    ├── KillRefused(PermissionError)         ``kill()`` refused: carries the ``Decision``
+    ├── WaitTimeout(TimeoutError)            ``KillHandle.wait()`` ran out of time
+    └── HookFailed(RuntimeError)             one or more hooks raised or timed out
+
+Control flow (not errors; derive from ``BaseException``)::
+
+    Terminated(BaseException)                the workflow is being killed: unwind
+    └── ForcedTermination                    ... and the forced phase (or an expired
+                                             grace period) is cutting it short
+
+``Terminated`` derives from ``BaseException`` for the same reason as
+``asyncio.CancelledError`` and ``KeyboardInterrupt``: a kill must not be swallowed
+by the ``except Exception:`` blocks that ordinary workflow code is full of.
+
+Every exception survives pickling with its structured attributes, so it can cross
+a process boundary (``concurrent.futures``, ``multiprocessing``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._permissions import Decision
+
+__all__ = [
+    "ConfigurationError",
+    "DuplicateWorkflow",
+    "ForcedTermination",
+    "HookFailed",
+    "InvalidArgumentType",
+    "InvalidTransition",
+    "KillRefused",
+    "NoActiveWorkflow",
+    "Terminated",
+    "TermsafeError",
+    "UnknownSectionKind",
+    "WaitTimeout",
+    "WorkflowNotFound",
+]
+
+
+class TermsafeError(Exception):
+    """Root of every error termsafe raises (never of ``Terminated``)."""
+
+
+class ConfigurationError(TermsafeError, ValueError):
+    """An argument has a value termsafe cannot accept (negative grace, NaN, ...)."""
+
+
+class UnknownSectionKind(ConfigurationError, KeyError):
+    """A critical-section kind that was never registered.
+
+    Attributes:
+        kind: The kind that was asked for.
+        known: The kinds that are registered, sorted.
+    """
+
+    def __init__(self, kind: str, known: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.known = known
+        super().__init__(kind, known)
+
+    def __str__(self) -> str:
+        return f"unknown critical section kind {self.kind!r} (known: {', '.join(self.known)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.kind, self.known))
+
+
+class InvalidArgumentType(TermsafeError, TypeError):
+    """An argument of the wrong type (a non-callable hook, a number for an id, ...)."""
+
+
+class WorkflowNotFound(TermsafeError, LookupError):
+    """No live workflow has this id.
+
+    Attributes:
+        workflow_id: The id that was looked up.
+    """
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(workflow_id)
+
+    def __str__(self) -> str:
+        return f"no workflow with id {self.workflow_id!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id,))
+
+
+class DuplicateWorkflow(TermsafeError, ValueError):
+    """A live workflow already uses this id.
+
+    Attributes:
+        workflow_id: The id that is taken.
+    """
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(workflow_id)
+
+    def __str__(self) -> str:
+        return f"a live workflow already has id {self.workflow_id!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id,))
+
+
+class NoActiveWorkflow(TermsafeError, RuntimeError):
+    """A call that needs a workflow in scope (``on_rollback``, ...) found none."""
+
+
+class InvalidTransition(TermsafeError, RuntimeError):
+    """A state change that the transition table does not allow.
+
+    Attributes:
+        workflow_id: The workflow whose state was to change.
+        old: The state it is in.
+        new: The state that was asked for.
+    """
+
+    def __init__(self, workflow_id: str, old: str, new: str) -> None:
+        self.workflow_id = workflow_id
+        self.old = old
+        self.new = new
+        super().__init__(workflow_id, old, new)
+
+    def __str__(self) -> str:
+        return f"workflow {self.workflow_id!r} cannot go from {self.old!r} to {self.new!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id, self.old, self.new))
+
+
+class KillRefused(TermsafeError, PermissionError):
+    """``Terminator.kill()`` refused the request.
+
+    Attributes:
+        workflow_id: The workflow that was to be killed.
+        decision: The ``Decision`` that refused it (``decision.reason`` uses the
+            wording of the pre-kill validation: "Workflow not found", ...).
+    """
+
+    def __init__(self, workflow_id: str, decision: Decision) -> None:
+        self.workflow_id = workflow_id
+        self.decision = decision
+        super().__init__(workflow_id, decision)
+
+    def __str__(self) -> str:
+        return f"kill of workflow {self.workflow_id!r} refused: {self.decision.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id, self.decision))
+
+
+class WaitTimeout(TermsafeError, TimeoutError):
+    """``KillHandle.wait()`` gave up before the workflow reached its final state.
+
+    Attributes:
+        workflow_id: The workflow waited for.
+        timeout: The seconds waited.
+    """
+
+    def __init__(self, workflow_id: str, timeout: float | None) -> None:
+        self.workflow_id = workflow_id
+        self.timeout = timeout
+        super().__init__(workflow_id, timeout)
+
+    def __str__(self) -> str:
+        return f"workflow {self.workflow_id!r} did not finish within {self.timeout}s"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id, self.timeout))
+
+
+class HookFailed(TermsafeError, RuntimeError):
+    """One or more rollback/cleanup hooks raised or timed out.
+
+    Every hook still ran; this reports the ones that did not succeed.
+
+    Attributes:
+        workflow_id: The workflow whose hooks ran.
+        failures: ``(hook name, error text)`` pairs in the order they ran.
+    """
+
+    def __init__(self, workflow_id: str, failures: tuple[tuple[str, str], ...]) -> None:
+        self.workflow_id = workflow_id
+        self.failures = failures
+        super().__init__(workflow_id, failures)
+
+    def __str__(self) -> str:
+        parts = "; ".join(f"{name}: {err}" for name, err in self.failures)
+        return f"{len(self.failures)} hook(s) of workflow {self.workflow_id!r} failed: {parts}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id, self.failures))
+
+
+class Terminated(BaseException):  # noqa: N818 - named like trio.Cancelled: it is not an error
+    """Raised inside a workflow at a cancellation point when it is being killed.
+
+    It derives from ``BaseException`` (like ``asyncio.CancelledError``) so that
+    ``except Exception:`` in workflow code cannot swallow a kill. Let it
+    propagate: the enclosing ``workflow()`` catches it, runs the hooks and records
+    the final state.
+
+    Attributes:
+        workflow_id: The workflow being killed.
+        reason: The reason given with the kill.
+    """
+
+    def __init__(self, workflow_id: str = "", reason: str = "") -> None:
+        self.workflow_id = workflow_id
+        self.reason = reason
+        super().__init__(workflow_id, reason)
+
+    def __str__(self) -> str:
+        return f"workflow {self.workflow_id!r} terminated: {self.reason or 'no reason given'}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.workflow_id, self.reason))
+
+
+class ForcedTermination(Terminated):
+    """The forced phase, or an expired grace period, cut the work short."""

@@ -1,0 +1,141 @@
+"""The one LIFO stack of rollback and cleanup hooks each workflow owns.
+
+Exactly-once is enforced here and nowhere else: a hook leaves the stack when
+someone *claims* it (under the stack's lock), so whoever runs it (the unwinding
+workflow, or the terminator acting for a thread that did not come back) is the
+only one who ever will. Claiming is always from the top, so the order is LIFO
+whoever claims.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+from ._exceptions import InvalidArgumentType
+
+__all__ = ["Hook", "HookKind", "HookStack", "hook_name"]
+
+HookKind = Literal["rollback", "cleanup"]
+HOOK_KINDS: Final = ("cleanup", "rollback")
+
+# States of a hook; ints keep the slots small.
+PENDING: Final = 0
+RUNNING: Final = 1
+DONE: Final = 2
+REMOVED: Final = 3
+DISCARDED: Final = 4
+
+
+def hook_name(fn: Callable[..., Any]) -> str:
+    """A readable name for a hook in events and errors."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else repr(fn)
+
+
+class Hook:
+    """A registered hook. Returned by ``on_rollback``/``on_cleanup``; pass it to ``remove``."""
+
+    __slots__ = ("fn", "is_async", "kind", "name", "started", "state")
+
+    def __init__(self, fn: Callable[[], Any], kind: HookKind) -> None:
+        self.fn = fn
+        self.kind: HookKind = kind
+        self.name = hook_name(fn)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.state = PENDING
+        self.started = 0.0
+
+    def __repr__(self) -> str:
+        state = ("pending", "running", "done", "removed", "discarded")[self.state]
+        return f"<Hook {self.kind} {self.name} {state}>"
+
+
+class HookStack:
+    """A LIFO stack of hooks; every method is thread-safe."""
+
+    __slots__ = ("_hooks", "_lock", "running")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: list[Hook] = []
+        #: The hook being run right now, if any (for the hanging-hook watchdog).
+        self.running: Hook | None = None
+
+    def push(self, fn: Callable[[], Any], kind: HookKind) -> Hook:
+        """Register ``fn`` on top of the stack.
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise InvalidArgumentType(f"a {kind} hook must be callable (got {fn!r})")
+        hook = Hook(fn, kind)
+        with self._lock:
+            self._hooks.append(hook)
+        return hook
+
+    def remove(self, hook: Hook) -> bool:
+        """Take ``hook`` off the stack if it has not started; return whether it was removed."""
+        with self._lock:
+            if hook.state != PENDING:
+                return False
+            try:
+                self._hooks.remove(hook)
+            except ValueError:
+                return False
+            hook.state = REMOVED
+            return True
+
+    def claim(self, *, include_rollback: bool) -> Hook | None:
+        """Take the top hook to run it, or ``None`` when the stack is empty.
+
+        With ``include_rollback=False`` (the workflow succeeded) rollback hooks
+        met on the way are discarded: they are not needed and must never run later.
+        """
+        with self._lock:
+            while self._hooks:
+                hook = self._hooks.pop()
+                if hook.kind == "rollback" and not include_rollback:
+                    hook.state = DISCARDED
+                    continue
+                hook.state = RUNNING
+                hook.started = time.monotonic()
+                self.running = hook
+                return hook
+            return None
+
+    def finish(self, hook: Hook) -> bool:
+        """Mark a claimed hook as run; return False if it had been abandoned as hung."""
+        with self._lock:
+            hook.state = DONE
+            if self.running is hook:
+                self.running = None
+                return True
+            return False
+
+    def abandon_if_running(self, hook: Hook) -> bool:
+        """Abandon ``hook`` if it is still the one running; return whether it was."""
+        with self._lock:
+            if self.running is hook and hook.state == RUNNING:
+                self.running = None
+                return True
+            return False
+
+    def abandon_running(self) -> Hook | None:
+        """Forget the hook that is running (it hangs); return it, if there was one."""
+        with self._lock:
+            hook, self.running = self.running, None
+            return hook
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._hooks)
+
+    def snapshot(self) -> list[Hook]:
+        """The pending hooks, bottom first."""
+        with self._lock:
+            return list(self._hooks)

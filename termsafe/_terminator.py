@@ -1,0 +1,1079 @@
+"""The terminator: the registry of live workflows and the phase ladder of a kill.
+
+A kill moves through three phases, timed from the request:
+
+1. *graceful* (``Phases.graceful`` seconds): the workflow is ``terminating``; no
+   new work starts; the kill lands at the next cancellation point outside any
+   critical section (async workflows: their cancel scope is cancelled, and
+   sections are shielded); hooks run as the workflow unwinds.
+2. *forced* (``Phases.forced`` seconds): cancellation points raise
+   ``ForcedTermination``; forced actions run (child process trees, emergency
+   state save).
+3. *system*: whatever still runs is abandoned: the terminator marks the
+   workflow ``killed``, runs the remaining hooks itself (each bounded by
+   ``hook_timeout``), and counts a thread that is still alive as an orphan.
+
+An open critical section is never cut before its grace period (measured from
+the request) has run out, whatever the phase; the system phase waits for
+``grace + forced`` so a cut section has a forced window to roll back in.
+
+Locking: the registry lock (``Terminator._lock``) may be taken before a
+workflow's lock, never after it. Nothing here blocks a caller of ``kill()``:
+deadlines go to the timer thread, events to the audit thread, and the hooks of
+an abandoned workflow to a worker thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import attrs
+
+from . import _permissions as perms
+from ._events import EventPipe
+from ._exceptions import (
+    ConfigurationError,
+    DuplicateWorkflow,
+    InvalidArgumentType,
+    KillRefused,
+    Terminated,
+    WaitTimeout,
+    WorkflowNotFound,
+)
+from ._hooks import Hook, HookStack
+from ._metrics import MetricsHook, MetricsSnapshot, Recorder
+from ._permissions import Decision, KillPolicy, Principal
+from ._sections import CriticalSection, SectionKinds, validate_seconds
+from ._states import WorkflowState, is_terminal
+from ._timer import DeadlineTimer
+from ._workflow import Workflow, WorkflowContext
+
+if TYPE_CHECKING:
+    from ._audit import AuditEvent, AuditSink
+
+__all__ = ["PROCESS_PRINCIPAL", "KillHandle", "KillRequest", "Phases", "Terminator", "get_terminator"]
+
+log = logging.getLogger("termsafe")
+
+S = WorkflowState
+
+#: The principal the terminator acts as for signals and cascades.
+PROCESS_PRINCIPAL: Final = Principal("termsafe", kind="system", roles=("process",))
+
+
+def _seconds(name: str) -> Callable[[object, attrs.Attribute[float], object], None]:
+    def check(_inst: object, _attr: attrs.Attribute[float], value: object) -> None:
+        validate_seconds(name, value)
+
+    return check
+
+
+@attrs.frozen
+class Phases:
+    """The timing of the phase ladder, in seconds.
+
+    Args:
+        graceful: How long the graceful phase lasts before the forced phase.
+        forced: How long the forced phase lasts before the system phase.
+
+    Raises:
+        InvalidArgumentType: a value is not a number.
+        ConfigurationError: a value is negative, NaN or infinite.
+    """
+
+    graceful: float = attrs.field(default=5.0, validator=_seconds("graceful"))
+    forced: float = attrs.field(default=5.0, validator=_seconds("forced"))
+
+
+class KillRequest:
+    """The terminator's bookkeeping for one kill (internal)."""
+
+    __slots__ = (
+        "by",
+        "deferred",
+        "force",
+        "grace_deadline",
+        "handle",
+        "phase",
+        "reason",
+        "requested_at",
+        "system_at",
+    )
+
+    def __init__(self, by: Principal, reason: str, force: bool, requested_at: float) -> None:
+        self.by = by
+        self.reason = reason
+        self.force = force
+        self.requested_at = requested_at
+        self.phase = "forced" if force else "graceful"
+        self.deferred = False
+        self.grace_deadline: float | None = None
+        self.system_at = 0.0
+        self.handle: KillHandle | None = None
+
+
+class KillHandle:
+    """What ``Terminator.kill()`` returns, at once.
+
+    Attributes:
+        workflow_id: The workflow being killed.
+        by: The principal who asked.
+        reason: The reason given.
+        force: Whether the kill started at the forced phase.
+        deferred: Whether it arrived inside a critical section and waited.
+    """
+
+    __slots__ = ("_request", "_wf", "by", "force", "reason", "workflow_id")
+
+    def __init__(self, wf: Workflow, request: KillRequest) -> None:
+        self._wf = wf
+        self._request = request
+        self.workflow_id = wf.id
+        self.by = request.by
+        self.reason = request.reason
+        self.force = request.force
+
+    def __repr__(self) -> str:
+        return f"<KillHandle {self.workflow_id!r} {self.state.value}>"
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the kill arrived inside a critical section."""
+        return self._request.deferred
+
+    @property
+    def phase(self) -> str:
+        """The phase the kill is in: ``graceful``, ``forced`` or ``system``."""
+        return self._request.phase
+
+    @property
+    def state(self) -> WorkflowState:
+        """The workflow's current state."""
+        return self._wf.state
+
+    @property
+    def done(self) -> bool:
+        """Whether the workflow reached its final state and its hooks ran."""
+        return self._wf.done_event().is_set()
+
+    def wait(self, timeout: float | None = None) -> WorkflowState:
+        """Block until the workflow's final state, with its hooks run and audited.
+
+        Args:
+            timeout: Seconds to wait at most; ``None`` waits for the ladder.
+
+        Returns:
+            The final state: ``terminated``, ``killed``, or ``completed``/``failed``
+            when the workflow ended on its own before the kill landed.
+
+        Raises:
+            WaitTimeout: the workflow had not finished within ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wf.done_event().wait(timeout):
+            raise WaitTimeout(self.workflow_id, timeout)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._wf.terminator.flush(remaining)
+        return self._wf.state
+
+    async def wait_async(self, timeout: float | None = None) -> WorkflowState:
+        """``wait()`` for async code, without blocking the event loop.
+
+        Raises:
+            WaitTimeout: the workflow had not finished within ``timeout``.
+        """
+        return await anyio.to_thread.run_sync(self.wait, timeout, abandon_on_cancel=True)
+
+
+class Terminator:
+    """Receives kills and carries them out through the phase ladder.
+
+    Args:
+        phases: The ladder's timing (default ``Phases()``: 5 s + 5 s).
+        sink: Where audit events go (an ``AuditSink``); default a ``LoggingSink``
+            on the ``termsafe.audit`` logger.
+        store: A durable store for checkpoints (optional).
+        hook_timeout: Seconds one hook may run before it is recorded as hung
+            and the rest run without it.
+        section_grace: Grace overrides per section kind, e.g. ``{"git": 60}``.
+        metrics_hook: A ``MetricsHook`` adapter (default: no-op).
+        history: How many finished workflows to remember for ``can_kill``.
+
+    Raises:
+        InvalidArgumentType: an argument has the wrong type.
+        ConfigurationError: a number is out of range.
+    """
+
+    def __init__(
+        self,
+        phases: Phases | None = None,
+        sink: AuditSink | None = None,
+        store: Any = None,
+        *,
+        hook_timeout: float = 10.0,
+        section_grace: Mapping[str, float] | None = None,
+        metrics_hook: MetricsHook | None = None,
+        history: int = 10_000,
+    ) -> None:
+        if phases is None:
+            phases = Phases()
+        elif not isinstance(phases, Phases):
+            raise InvalidArgumentType(f"phases must be a Phases (got {phases!r})")
+        timeout = validate_seconds("hook_timeout", hook_timeout)
+        assert timeout is not None
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ConfigurationError(f"history must be an int >= 0 (got {history!r})")
+        if sink is None:
+            from ._audit import LoggingSink
+
+            sink = LoggingSink()
+        elif not (callable(getattr(sink, "emit", None)) and callable(getattr(sink, "close", None))):
+            raise InvalidArgumentType(f"sink must have emit(event) and close() (got {sink!r})")
+        self.phases = phases
+        self.store = store
+        self.hook_timeout = timeout
+        self.section_kinds = SectionKinds(section_grace)
+        self._history = history
+        self._lock = threading.Lock()
+        self._live: dict[str, Workflow] = {}
+        self._finished: collections.OrderedDict[str, Workflow] = collections.OrderedDict()
+        self._policies: dict[str, KillPolicy] = {}
+        self._forced_actions: list[Callable[[Workflow], object]] = []
+        self._cleanup_jobs: list[Callable[[Workflow], object]] = []
+        self._orphans: list[Workflow] = []
+        self._timer = DeadlineTimer()
+        self._recorder = Recorder(metrics_hook)
+        self._pipe = EventPipe(sink, self._recorder.event, self._sink_failed)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Terminator live={len(self._live)} phases={self.phases}>"
+
+    @property
+    def sink(self) -> AuditSink:
+        """The audit sink events are delivered to."""
+        return self._pipe.sink
+
+    # -- configuration ------------------------------------------------------------
+
+    def workflow(
+        self,
+        workflow_id: str,
+        *,
+        owner: str | None = None,
+        team: str | None = None,
+        depends_on: Iterable[str] = (),
+    ) -> WorkflowContext:
+        """``termsafe.workflow(...)`` bound to this terminator.
+
+        Raises:
+            InvalidArgumentType: see ``termsafe.workflow``.
+        """
+        from ._workflow import workflow
+
+        return workflow(
+            workflow_id, owner=owner, team=team, depends_on=depends_on, terminator=self
+        )
+
+    def critical_section(self, kind: str, grace: float | None = None) -> CriticalSection:
+        """``termsafe.critical_section(...)``, validating ``kind`` against this terminator.
+
+        Raises:
+            UnknownSectionKind: ``kind`` is not registered here.
+            InvalidArgumentType: see ``termsafe.critical_section``.
+            ConfigurationError: see ``termsafe.critical_section``.
+        """
+        from ._sections import critical_section
+
+        section = critical_section(kind, grace)
+        self.section_kinds.grace(kind)
+        return section
+
+    def register_section_kind(self, kind: str, grace: float) -> None:
+        """Add a critical-section kind, or change a kind's default grace.
+
+        Raises:
+            InvalidArgumentType: ``kind`` is not a string or ``grace`` not a number.
+            ConfigurationError: ``kind`` is empty or ``grace`` negative/NaN/infinite.
+        """
+        self.section_kinds.register(kind, grace)
+
+    def register_policy(self, name: str, policy: KillPolicy) -> None:
+        """Let ``system`` principals whose id is ``name`` kill when ``policy`` approves.
+
+        ``policy(workflow, principal) -> bool`` is called on every such request;
+        an exception counts as a refusal.
+
+        Raises:
+            InvalidArgumentType: ``name`` is not a non-empty string or ``policy``
+                is not callable.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentType(f"policy name must be a non-empty str (got {name!r})")
+        if not callable(policy):
+            raise InvalidArgumentType(f"policy {name!r} must be callable (got {policy!r})")
+        with self._lock:
+            self._policies[name] = policy
+
+    def add_forced_action(self, fn: Callable[[Workflow], object]) -> None:
+        """Run ``fn(workflow)`` when a kill enters the forced phase (e.g. kill child trees).
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise InvalidArgumentType(f"forced action must be callable (got {fn!r})")
+        self._forced_actions.append(fn)
+
+    def add_cleanup_job(self, fn: Callable[[Workflow], object]) -> None:
+        """Run ``fn(workflow)`` after the system phase cleaned up a ``killed`` workflow.
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise InvalidArgumentType(f"cleanup job must be callable (got {fn!r})")
+        self._cleanup_jobs.append(fn)
+
+    # -- queries ------------------------------------------------------------------
+
+    def get(self, workflow_id: str) -> Workflow:
+        """The live (or recently finished) workflow with this id.
+
+        Raises:
+            WorkflowNotFound: no such workflow is known.
+        """
+        wf = self._live.get(workflow_id) or self._finished.get(workflow_id)
+        if wf is None:
+            raise WorkflowNotFound(workflow_id)
+        return wf
+
+    def workflows(self) -> list[Workflow]:
+        """The live workflows, in registration order."""
+        with self._lock:
+            return list(self._live.values())
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def metrics(self) -> MetricsSnapshot:
+        """A snapshot of the kill metrics."""
+        with self._lock:
+            alive = 0
+            keep = []
+            for wf in self._orphans:
+                if wf.thread is not None and wf.thread.is_alive():
+                    alive += 1
+                    keep.append(wf)
+            self._orphans = keep
+        return self._recorder.snapshot(alive)
+
+    def can_kill(self, workflow_id: str, principal: Principal) -> Decision:
+        """Pre-kill validation, in the seed's order.
+
+        Checks that the workflow exists, that ``principal`` may kill it, that it
+        has not finished, and that it is not inside a critical section.
+
+        Returns:
+            A ``Decision``; ``reason`` is "OK" or the first failed check.
+
+        Raises:
+            InvalidArgumentType: ``principal`` is not a ``Principal``.
+        """
+        if not isinstance(principal, Principal):
+            raise InvalidArgumentType(f"principal must be a Principal (got {principal!r})")
+        wf = self._live.get(workflow_id)
+        if wf is None:
+            wf = self._finished.get(workflow_id)
+            if wf is None:
+                return perms.NOT_FOUND
+        if not self._permitted(wf, principal):
+            return perms.NO_PERMISSION
+        if is_terminal(wf.state):
+            return perms.FINISHED
+        if wf.sections:
+            return perms.IN_SECTION
+        return perms.OK
+
+    def _permitted(self, wf: Workflow, principal: Principal) -> bool:
+        policy = self._policies.get(principal.id) if principal.kind == "system" else None
+        return perms.has_kill_permission(principal, wf.owner, wf.team, policy, wf)
+
+    # -- kills ----------------------------------------------------------------------
+
+    def kill(
+        self,
+        workflow_id: str,
+        *,
+        by: Principal,
+        reason: str = "",
+        force: bool = False,
+    ) -> KillHandle:
+        """Ask for a workflow to be killed; returns at once.
+
+        The kill is validated like ``can_kill`` (a workflow inside a critical
+        section is not refused: the kill is deferred), audited, and carried out
+        through the phase ladder in the background. Killing a workflow that is
+        already terminating returns the same handle (``force=True`` escalates it
+        to the forced phase). Workflows started inside it are killed too.
+
+        Args:
+            workflow_id: The workflow to kill.
+            by: Who asks; checked against the permission model.
+            reason: Why; recorded in the audit trail.
+            force: Start at the forced phase.
+
+        Returns:
+            A ``KillHandle``; ``handle.wait()`` gives the final state.
+
+        Raises:
+            InvalidArgumentType: ``by`` is not a ``Principal``, ``reason`` not a
+                string, or ``force`` not a bool.
+            KillRefused: the workflow does not exist, ``by`` may not kill it, or
+                it has finished; ``.decision`` says which. The refusal is audited.
+        """
+        if not isinstance(by, Principal):
+            raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
+        if not isinstance(reason, str):
+            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+        if not isinstance(force, bool):
+            raise InvalidArgumentType(f"force must be a bool (got {force!r})")
+        if not isinstance(workflow_id, str):
+            raise InvalidArgumentType(f"workflow id must be a str (got {workflow_id!r})")
+        decision = self.can_kill(workflow_id, by)
+        if not decision.allowed and decision is not perms.IN_SECTION:
+            self._refuse(workflow_id, by, reason, decision)
+        wf = self._live.get(workflow_id)
+        if wf is None:
+            # Finished between the check and now.
+            self._refuse(workflow_id, by, reason, perms.FINISHED)
+        assert wf is not None
+        return self._start_kill(wf, by, reason, force)
+
+    def _refuse(self, workflow_id: str, by: Principal, reason: str, decision: Decision) -> None:
+        self._recorder.kill_requested(False)
+        wf = self._live.get(workflow_id) or self._finished.get(workflow_id)
+        self._pipe.emit(
+            "kill_refused",
+            workflow_id,
+            by.as_dict(),
+            reason,
+            wf.state.value if wf is not None else None,
+            {"decision": decision.reason},
+        )
+        raise KillRefused(workflow_id, decision)
+
+    def kill_all(self, *, by: Principal, reason: str = "", force: bool = False) -> list[KillHandle]:
+        """Kill every live workflow ``by`` may kill; return their handles.
+
+        Workflows ``by`` may not kill are refused (and audited), not raised.
+
+        Raises:
+            InvalidArgumentType: as for ``kill()``.
+        """
+        handles = []
+        for wf in self.workflows():
+            try:
+                handles.append(self.kill(wf.id, by=by, reason=reason, force=force))
+            except KillRefused:
+                continue
+        return handles
+
+    def terminate_all(self, reason: str, *, force: bool = False) -> list[KillHandle]:
+        """Kill every live workflow as the process itself (no permission check).
+
+        For the host shutting down: signal handlers and supervisors call this.
+        Only code that owns the process should; it is not reachable from a
+        principal's request.
+
+        Raises:
+            InvalidArgumentType: ``reason`` is not a string.
+        """
+        if not isinstance(reason, str):
+            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+        return [
+            self._start_kill(wf, PROCESS_PRINCIPAL, reason, force)
+            for wf in self.workflows()
+            if wf.parent is None or wf.parent.kill is None
+        ]
+
+    def escalate(self) -> int:
+        """Move every kill still in its graceful phase to the forced phase now.
+
+        Returns:
+            How many kills were escalated.
+        """
+        count = 0
+        for wf in self.workflows():
+            kill = wf.kill
+            if kill is not None and kill.phase == "graceful":
+                self._phase_forced(wf, kill, escalated=True)
+                count += 1
+        return count
+
+    def _start_kill(self, wf: Workflow, by: Principal, reason: str, force: bool) -> KillHandle:
+        now = time.monotonic()
+        escalate = False
+        with wf.lock:
+            if is_terminal(wf.state):
+                fresh = False
+                request = wf.kill
+                if request is None or request.handle is None:
+                    finished = True
+                else:
+                    finished = False
+            else:
+                finished = False
+                request = wf.kill
+                fresh = request is None
+                if request is None:
+                    request = KillRequest(by, reason, force, now)
+                    request.handle = KillHandle(wf, request)
+                    wf.kill = request
+                    if wf.state is S.PENDING:
+                        wf.transition(S.RUNNING)
+                    wf.transition(S.TERMINATING)
+                    if wf.sections:
+                        request.deferred = True
+                        request.grace_deadline = now + max(
+                            self._grace_of(s) for s in wf.sections
+                        )
+                    wf.wake()
+                else:
+                    escalate = force and request.phase == "graceful"
+            sections = [(s.kind, self._grace_of(s)) for s in wf.sections] if fresh else []
+        if finished:
+            self._refuse(wf.id, by, reason, perms.FINISHED)
+        assert request is not None and request.handle is not None
+        actor = by.as_dict()
+        if not fresh:
+            self._pipe.emit(
+                "kill_requested",
+                wf.id,
+                actor,
+                reason,
+                wf.state.value,
+                {"force": force, "already": request.phase, "escalated": escalate},
+            )
+            if escalate:
+                self._phase_forced(wf, request, escalated=True)
+            return request.handle
+        self._recorder.kill_requested(True)
+        self._pipe.emit(
+            "kill_requested",
+            wf.id,
+            actor,
+            reason,
+            S.TERMINATING.value,
+            {"force": force, "phase": request.phase},
+        )
+        if request.deferred:
+            self._pipe.emit(
+                "kill_deferred",
+                wf.id,
+                actor,
+                reason,
+                S.TERMINATING.value,
+                {
+                    "sections": [{"kind": k, "grace": g} for k, g in sections],
+                    "grace_deadline_in": round(max(g for _, g in sections), 3),
+                },
+            )
+        wf.cancel_scope_soon()
+        self._schedule(wf, request, now, sections)
+        for child in wf.children():
+            self._start_kill(child, by, f"parent workflow {wf.id!r} killed: {reason}", force)
+        return request.handle
+
+    def _grace_of(self, section: CriticalSection) -> float:
+        try:
+            return section.grace
+        except Exception:
+            # An unknown kind was refused at entry; this is belt and braces.
+            return 0.0
+
+    def _schedule(
+        self, wf: Workflow, request: KillRequest, now: float, sections: list[tuple[str, float]]
+    ) -> None:
+        phases = self.phases
+        if request.force:
+            system_at = now + phases.forced
+            self._forced_actions_run(wf, request)
+        else:
+            system_at = now + phases.graceful + phases.forced
+            self._timer.call_at(
+                now + phases.graceful, lambda: self._phase_forced(wf, request, escalated=False)
+            )
+        for grace in sorted({g for _, g in sections}):
+            self._timer.call_at(now + grace, lambda: self._expire_sections(wf, request))
+            system_at = max(system_at, now + grace + phases.forced)
+        request.system_at = system_at
+        self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
+
+    # -- the ladder ---------------------------------------------------------------
+
+    def _phase_forced(self, wf: Workflow, request: KillRequest, *, escalated: bool) -> None:
+        with wf.lock:
+            if is_terminal(wf.state) or request.phase != "graceful":
+                return
+            request.phase = "forced"
+            wf.wake()
+            now = time.monotonic()
+            if escalated:
+                # The system phase comes a forced window from now, but never cuts
+                # a section before its grace (+ forced window) is over.
+                system_at = now + self.phases.forced
+                if request.grace_deadline is not None:
+                    system_at = max(system_at, request.grace_deadline + self.phases.forced)
+                if system_at < request.system_at:
+                    request.system_at = system_at
+                    self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
+        self._pipe.emit(
+            "phase_changed",
+            wf.id,
+            None,
+            request.reason,
+            wf.state.value,
+            {"phase": "forced", "escalated": escalated},
+        )
+        wf.cancel_scope_soon()
+        self._forced_actions_run(wf, request)
+
+    def _forced_actions_run(self, wf: Workflow, request: KillRequest) -> None:
+        if wf.last_checkpoint is not None:
+            self._pipe.emit(
+                "emergency_save",
+                wf.id,
+                None,
+                request.reason,
+                wf.state.value,
+                {"checkpoint": _jsonable(wf.last_checkpoint)},
+            )
+        for action in self._forced_actions:
+            try:
+                action(wf)
+            except Exception as exc:
+                log.exception("termsafe: forced action %r failed for %s", action, wf.id)
+                self._pipe.emit(
+                    "forced_action_failed",
+                    wf.id,
+                    None,
+                    request.reason,
+                    wf.state.value,
+                    {"action": repr(action), "error": repr(exc)},
+                )
+
+    def _expire_sections(self, wf: Workflow, request: KillRequest) -> None:
+        now = time.monotonic()
+        expired: list[CriticalSection] = []
+        with wf.lock:
+            if is_terminal(wf.state):
+                return
+            for section in wf.sections:
+                if not section.expired and request.requested_at + self._grace_of(section) <= now:
+                    section.expired = True
+                    expired.append(section)
+            if expired:
+                wf.wake()
+        for section in expired:
+            self._pipe.emit(
+                "grace_expired",
+                wf.id,
+                None,
+                request.reason,
+                wf.state.value,
+                {"kind": section.kind, "grace": self._grace_of(section)},
+            )
+            wf.call_in_loop(section.cancel_async)
+
+    def _phase_system(self, wf: Workflow, request: KillRequest) -> None:
+        with wf.lock:
+            if is_terminal(wf.state) or request.phase == "system":
+                return
+            if time.monotonic() < request.system_at - 0.001:
+                return  # a stale deadline: an escalation moved it
+            request.phase = "system"
+            wf.abandoned = True
+            wf.transition(S.KILLED)
+            wf.wake()
+            thread = wf.thread
+            orphan = thread is not None and thread.is_alive() and wf.backend == "thread"
+        self._pipe.emit(
+            "phase_changed",
+            wf.id,
+            None,
+            request.reason,
+            S.KILLED.value,
+            {"phase": "system", "orphan_thread": orphan},
+        )
+        if orphan:
+            self._recorder.orphan("thread")
+            with self._lock:
+                self._orphans.append(wf)
+            self._pipe.emit(
+                "orphan_detected",
+                wf.id,
+                None,
+                request.reason,
+                S.KILLED.value,
+                {"kind": "thread", "thread": thread.name if thread is not None else None},
+            )
+        stack = wf._hooks
+        if stack is not None:
+            hung = stack.abandon_running()
+            if hung is not None:
+                self._hook_timed_out(wf, hung)
+        threading.Thread(
+            target=self._system_cleanup, args=(wf,), name=f"termsafe-cleanup-{wf.id}", daemon=True
+        ).start()
+
+    def _system_cleanup(self, wf: Workflow) -> None:
+        try:
+            wf.run_hooks(include_rollback=True, by_terminator=True)
+        finally:
+            for job in self._cleanup_jobs:
+                try:
+                    job(wf)
+                except Exception as exc:
+                    log.exception("termsafe: cleanup job %r failed for %s", job, wf.id)
+                    self._pipe.emit(
+                        "cleanup_job_failed",
+                        wf.id,
+                        None,
+                        wf.kill_reason,
+                        wf.state.value,
+                        {"job": repr(job), "error": repr(exc)},
+                    )
+            self._ended(wf, S.KILLED)
+
+    # -- workflow lifecycle (called by _workflow) --------------------------------------
+
+    def _register(
+        self,
+        workflow_id: str,
+        owner: str | None,
+        team: str | None,
+        depends_on: tuple[str, ...],
+        parent: Workflow | None,
+    ) -> Workflow:
+        if self._closed:
+            raise InvalidArgumentType("this terminator is closed; build a new one")
+        wf = Workflow(workflow_id, owner, team, depends_on, self, parent)
+        with self._lock:
+            if workflow_id in self._live:
+                raise DuplicateWorkflow(workflow_id)
+            self._live[workflow_id] = wf
+            self._finished.pop(workflow_id, None)
+        if parent is not None:
+            with parent.lock:
+                if parent._children is None:
+                    parent._children = []
+                parent._children.append(wf)
+        return wf
+
+    def _started(self, wf: Workflow) -> None:
+        with wf.lock:
+            if wf.state is S.PENDING:
+                wf.transition(S.RUNNING)
+        wf.started_at = time.monotonic()
+        self._pipe.emit(
+            "workflow_started",
+            wf.id,
+            {"id": wf.owner, "kind": "user", "roles": [], "teams": []} if wf.owner else None,
+            None,
+            S.RUNNING.value,
+            {
+                "team": wf.team,
+                "depends_on": list(wf.depends_on),
+                "backend": wf.backend,
+                "parent": wf.parent.id if wf.parent is not None else None,
+            },
+        )
+
+    def _finish(self, wf: Workflow, outcome: WorkflowState) -> None:
+        """The workflow's own exit path is done (hooks ran); record the final state."""
+        with wf.lock:
+            late = is_terminal(wf.state)
+            if not late:
+                if wf.state is S.PENDING:
+                    wf.transition(S.RUNNING)
+                if outcome is S.TERMINATED and wf.state is S.RUNNING:
+                    outcome = S.FAILED
+                wf.transition(outcome)
+        if late:
+            # Terminal is terminal: a workflow the system phase already declared
+            # killed came back; record it, change nothing.
+            self._pipe.emit(
+                "late_finish",
+                wf.id,
+                None,
+                wf.kill_reason,
+                wf.state.value,
+                {"would_have_been": outcome.value},
+            )
+            return
+        self._ended(wf, outcome)
+
+    def _ended(self, wf: Workflow, final: WorkflowState) -> None:
+        with self._lock:
+            if self._live.get(wf.id) is wf:
+                del self._live[wf.id]
+            if self._history:
+                self._finished[wf.id] = wf
+                while len(self._finished) > self._history:
+                    self._finished.popitem(last=False)
+        request = wf.kill
+        details: dict[str, Any] = {}
+        if request is not None:
+            latency = time.monotonic() - request.requested_at
+            details["kill_latency_ms"] = round(latency * 1000, 3)
+            self._recorder.kill_finished(final.value, latency)
+        if wf.hook_failures:
+            details["hook_failures"] = len(wf.hook_failures)
+        self._pipe.emit(
+            "workflow_finished",
+            wf.id,
+            None,
+            wf.kill_reason or None,
+            final.value,
+            details,
+        )
+        wf._set_done()
+
+    def _kill_effective(self, wf: Workflow, section: CriticalSection) -> None:
+        request = wf.kill
+        if request is None:
+            return
+        waited = time.monotonic() - request.requested_at
+        self._pipe.emit(
+            "kill_effective",
+            wf.id,
+            None,
+            request.reason,
+            wf.state.value,
+            {"after_section": section.kind, "deferred_for_ms": round(waited * 1000, 3)},
+        )
+
+    def _emit(
+        self,
+        type_: str,
+        wf: Workflow | None,
+        *,
+        actor: Principal | None = None,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._pipe.emit(
+            type_,
+            wf.id if wf is not None else None,
+            actor.as_dict() if actor is not None else None,
+            reason,
+            wf.state.value if wf is not None else None,
+            dict(details or {}),
+        )
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def _hook_event(
+        self, wf: Workflow, hook: Hook, started: float, error: BaseException | None, ran_by: str
+    ) -> None:
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        details = {"hook": hook.name, "kind": hook.kind, "ran_by": ran_by, "ms": duration_ms}
+        if error is None:
+            self._pipe.emit("hook_ran", wf.id, None, None, wf.state.value, details)
+            return
+        text = f"{type(error).__name__}: {error}"
+        wf.hook_failures.append((hook.name, text))
+        self._recorder.hook_failed()
+        details["error"] = text
+        self._pipe.emit("hook_failed", wf.id, None, None, wf.state.value, details)
+
+    def _hook_timed_out(self, wf: Workflow, hook: Hook) -> None:
+        text = f"timed out after {self.hook_timeout:g}s"
+        wf.hook_failures.append((hook.name, text))
+        self._recorder.hook_failed()
+        self._pipe.emit(
+            "hook_failed",
+            wf.id,
+            None,
+            None,
+            wf.state.value,
+            {"hook": hook.name, "kind": hook.kind, "error": text, "hung": True},
+        )
+
+    def _call_hook(self, hook: Hook) -> None:
+        result = hook.fn()
+        if inspect.isawaitable(result):
+            awaitable = result
+
+            async def run() -> None:
+                await awaitable
+
+            anyio.run(run)
+
+    def _run_hook_inline(
+        self, wf: Workflow, stack: HookStack, hook: Hook
+    ) -> BaseException | None:
+        """Run a claimed hook in the unwinding workflow's own thread.
+
+        Returns a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt,
+        SystemExit) for the caller to re-raise after the remaining hooks.
+        """
+        started = time.monotonic()
+        if self.hook_timeout:
+            self._timer.call_at(
+                started + self.hook_timeout, lambda: self._hook_watchdog(wf, stack, hook)
+            )
+        error: BaseException | None = None
+        wf.shield_depth += 1
+        try:
+            self._call_hook(hook)
+        except BaseException as exc:
+            error = exc
+        finally:
+            wf.shield_depth -= 1
+        if stack.finish(hook):
+            self._hook_event(wf, hook, started, error, "workflow")
+        if error is not None and not isinstance(error, (Exception, Terminated)):
+            return error
+        return None
+
+    async def _run_hook_async(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
+        """Await a claimed async hook in the unwinding workflow's task, bounded."""
+        started = time.monotonic()
+        error: BaseException | None = None
+        wf.shield_depth += 1
+        try:
+            with anyio.move_on_after(self.hook_timeout or None) as scope:
+                await hook.fn()
+            if scope.cancelled_caught:
+                error = TimeoutError(f"timed out after {self.hook_timeout:g}s")
+        except Exception as exc:
+            error = exc
+        finally:
+            wf.shield_depth -= 1
+        if stack.finish(hook):
+            self._hook_event(wf, hook, started, error, "workflow")
+
+    def _run_hook_bounded(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
+        """Run a claimed hook for an abandoned workflow, giving up after hook_timeout."""
+        started = time.monotonic()
+        box: list[BaseException | None] = [None]
+
+        def target() -> None:
+            try:
+                self._call_hook(hook)
+            except BaseException as exc:
+                box[0] = exc
+
+        runner = threading.Thread(target=target, name=f"termsafe-hook-{hook.name}", daemon=True)
+        runner.start()
+        runner.join(self.hook_timeout or None)
+        if runner.is_alive() and stack.abandon_if_running(hook):
+            self._hook_timed_out(wf, hook)
+            return
+        if stack.finish(hook):
+            self._hook_event(wf, hook, started, box[0], "terminator")
+
+    def _hook_watchdog(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
+        """A hook the workflow is running overran hook_timeout: run the rest without it."""
+        if not stack.abandon_if_running(hook):
+            return
+        self._hook_timed_out(wf, hook)
+
+        def take_over() -> None:
+            outcome = wf.outcome
+            include_rollback = outcome is not S.COMPLETED
+            wf.run_hooks(include_rollback=include_rollback, by_terminator=True)
+            with wf.lock:
+                if is_terminal(wf.state):
+                    return
+                if wf.state is S.TERMINATING:
+                    final = S.KILLED
+                else:
+                    final = outcome if outcome is not None else S.FAILED
+                if wf.state is S.RUNNING and final is S.KILLED:
+                    final = S.FAILED
+                wf.transition(final)
+                wf.abandoned = True
+            self._ended(wf, final)
+
+        threading.Thread(target=take_over, name=f"termsafe-hooks-{wf.id}", daemon=True).start()
+
+    # -- audit --------------------------------------------------------------------------
+
+    def _sink_failed(self, event: AuditEvent, exc: BaseException) -> None:
+        # The alert rules (failed sink) hang off this in the observability layer.
+        pass
+
+    def add_event_listener(self, fn: Callable[[AuditEvent], None]) -> None:
+        """Call ``fn(event)`` for every audit event, after the sink (audit thread).
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise InvalidArgumentType(f"event listener must be callable (got {fn!r})")
+        self._pipe.add_listener(fn)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event so far reached the sink; return whether it did."""
+        return self._pipe.flush(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush and close the sink and stop the background threads.
+
+        Live workflows are not killed; call ``terminate_all`` first for that.
+        """
+        self._closed = True
+        self._pipe.close(timeout)
+        self._timer.stop(timeout)
+
+    def __enter__(self) -> Terminator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _jsonable(value: object) -> object:
+    """``value`` if it is plain JSON data, else its repr (events must serialise)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+_default: Terminator | None = None
+_default_lock = threading.Lock()
+
+
+def get_terminator() -> Terminator:
+    """The process-wide terminator, created on first use (no threads until a kill)."""
+    global _default
+    term = _default
+    if term is None:
+        with _default_lock:
+            term = _default
+            if term is None:
+                term = _default = Terminator()
+    return term
+
+
+def _set_default_terminator(term: Terminator | None) -> Terminator | None:
+    """Swap the process-wide terminator (for tests and embedding); return the old one."""
+    global _default
+    with _default_lock:
+        old, _default = _default, term
+    return old
+

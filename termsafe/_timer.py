@@ -1,0 +1,88 @@
+"""One background thread that fires the phase deadlines of a terminator.
+
+Started lazily by the first deadline (never at import), it sleeps until the
+earliest deadline and runs its callback. Callbacks must be short: anything that
+can block (running hooks of an abandoned workflow) is handed to a worker thread.
+Cancelled deadlines are left in the heap and skipped (callbacks re-check the
+state they act on), which keeps scheduling O(log n) and lock-light.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["DeadlineTimer"]
+
+log = logging.getLogger("termsafe")
+
+
+class DeadlineTimer:
+    """A heap of ``(deadline, callback)`` served by one daemon thread."""
+
+    __slots__ = ("_cond", "_heap", "_name", "_seq", "_stopped", "_thread")
+
+    def __init__(self, name: str = "termsafe-timer") -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, Callable[[], object]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._name = name
+
+    def call_at(self, deadline: float, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in the timer thread at ``deadline`` (``time.monotonic`` clock)."""
+        with self._cond:
+            if self._stopped:
+                return
+            entry = (deadline, next(self._seq), fn)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            elif self._heap[0] is entry:
+                # Only an earlier deadline needs the thread to recompute its wait.
+                self._cond.notify()
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in the timer thread as soon as possible."""
+        self.call_at(time.monotonic(), fn)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the thread; pending deadlines are dropped."""
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the timer thread has been started and not stopped."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopped
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    if self._heap:
+                        wait = self._heap[0][0] - time.monotonic()
+                        if wait <= 0:
+                            _, _, fn = heapq.heappop(self._heap)
+                            break
+                        self._cond.wait(wait)
+                    else:
+                        self._cond.wait()
+            try:
+                fn()
+            except Exception:
+                log.exception("termsafe timer callback %r failed", fn)

@@ -1,0 +1,703 @@
+"""Workflows: the unit a kill targets, and the calls workflow code makes.
+
+A ``Workflow`` lives from ``workflow(...)``'s entry to its exit. Its mutable
+kill bookkeeping (state, pending kill, open sections) is guarded by its own
+lock; the terminator takes its registry lock first, never the other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
+
+import anyio
+
+from ._exceptions import (
+    ForcedTermination,
+    InvalidArgumentType,
+    NoActiveWorkflow,
+    Terminated,
+)
+from ._hooks import Hook, HookStack
+from ._states import WorkflowState, check_transition, is_terminal
+
+if TYPE_CHECKING:
+    from ._sections import CriticalSection
+    from ._terminator import KillRequest, Terminator
+
+__all__ = [
+    "Workflow",
+    "WorkflowContext",
+    "checkpoint",
+    "current_workflow",
+    "on_cleanup",
+    "on_rollback",
+    "sleep",
+    "workflow",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_current: ContextVar[Workflow | None] = ContextVar("termsafe_current_workflow", default=None)
+
+S = WorkflowState
+_NO_STATE: Final = object()
+
+
+class Workflow:
+    """A live (or finished) workflow. Get it from ``with workflow(...) as wf`` or
+    ``current_workflow()``; do not construct it directly.
+
+    Attributes:
+        id: The workflow id, unique among live workflows of its terminator.
+        owner: The owner's principal id, or ``None``.
+        team: The team the workflow belongs to, or ``None``.
+        depends_on: Ids of the workflows this one depends on.
+        terminator: The terminator it is registered with.
+        parent: The workflow it was started inside, if any.
+        last_checkpoint: The last state given to ``checkpoint(state)``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_children",
+        "_cond",
+        "_done",
+        "_hooks",
+        "_loop_call",
+        "_scope",
+        "abandoned",
+        "backend",
+        "depends_on",
+        "ended_at",
+        "hook_failures",
+        "id",
+        "kill",
+        "last_checkpoint",
+        "lock",
+        "outcome",
+        "owner",
+        "parent",
+        "sections",
+        "shield_depth",
+        "started_at",
+        "state",
+        "team",
+        "terminator",
+        "thread",
+    )
+
+    def __init__(
+        self,
+        workflow_id: str,
+        owner: str | None,
+        team: str | None,
+        depends_on: tuple[str, ...],
+        terminator: Terminator,
+        parent: Workflow | None,
+    ) -> None:
+        self.id = workflow_id
+        self.owner = owner
+        self.team = team
+        self.depends_on = depends_on
+        self.terminator = terminator
+        self.parent = parent
+        self.state = S.PENDING
+        self.lock = threading.Lock()
+        self.kill: KillRequest | None = None
+        self.sections: list[CriticalSection] = []
+        self.shield_depth = 0
+        self.abandoned = False
+        self.last_checkpoint: Any = None
+        self.hook_failures: list[tuple[str, str]] = []
+        self.outcome: WorkflowState | None = None
+        self.backend = "thread"
+        self.thread: threading.Thread | None = None
+        self.started_at = 0.0
+        self.ended_at: float | None = None
+        self._hooks: HookStack | None = None
+        self._cond: threading.Condition | None = None
+        self._done: threading.Event | None = None
+        self._loop_call: Callable[[Callable[[], object]], object] | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._children: list[Workflow] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.id!r} {self.state.value}>"
+
+    # -- queries --------------------------------------------------------------
+
+    @property
+    def kill_pending(self) -> bool:
+        """Whether a kill was requested and the workflow has not ended."""
+        return self.kill is not None and not is_terminal(self.state)
+
+    @property
+    def kill_reason(self) -> str:
+        """The reason of the pending kill, or ``""``."""
+        kill = self.kill
+        return kill.reason if kill is not None else ""
+
+    @property
+    def in_critical_section(self) -> bool:
+        """Whether a critical section is open in this workflow."""
+        return bool(self.sections)
+
+    @property
+    def hooks(self) -> HookStack:
+        """The workflow's one LIFO hook stack."""
+        stack = self._hooks
+        if stack is None:
+            with self.lock:
+                stack = self._hooks
+                if stack is None:
+                    stack = self._hooks = HookStack()
+        return stack
+
+    @property
+    def pending_hooks(self) -> int:
+        """How many hooks are registered and not yet run."""
+        stack = self._hooks
+        return 0 if stack is None else len(stack)
+
+    def children(self) -> list[Workflow]:
+        """The live workflows started inside this one."""
+        with self.lock:
+            return [c for c in self._children or () if not is_terminal(c.state)]
+
+    # -- kill delivery ----------------------------------------------------------
+
+    def _deliverable(self) -> BaseException | None:
+        """The exception a cancellation point should raise now, if any (lock held)."""
+        kill = self.kill
+        if kill is None or self.shield_depth:
+            return None
+        if self.abandoned:
+            return ForcedTermination(self.id, kill.reason)
+        if self.sections:
+            if any(s.expired for s in self.sections):
+                return ForcedTermination(self.id, kill.reason)
+            return None
+        if kill.phase != "graceful":
+            return ForcedTermination(self.id, kill.reason)
+        return Terminated(self.id, kill.reason)
+
+    def deliver(self) -> None:
+        """Raise the pending kill if it may land here (a cancellation point)."""
+        with self.lock:
+            exc = self._deliverable()
+        if exc is not None:
+            raise exc
+
+    def wake(self) -> None:
+        """Wake ``sleep()`` callers so they re-check the kill (lock held)."""
+        cond = self._cond
+        if cond is not None:
+            cond.notify_all()
+
+    def call_in_loop(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` soon on the workflow's event loop (no-op for thread workflows)."""
+        call = self._loop_call
+        if call is not None:
+            try:
+                call(fn)
+            except RuntimeError:
+                # The loop is closed: nothing left there to cancel.
+                pass
+
+    def cancel_scope_soon(self) -> None:
+        """Cancel the async workflow's scope from any thread."""
+        scope = self._scope
+        if scope is not None:
+            self.call_in_loop(scope.cancel)
+
+    # -- sections ---------------------------------------------------------------
+
+    def open_section(self, section: CriticalSection) -> None:
+        with self.lock:
+            exc = None
+            if self.kill is not None or self.abandoned:
+                kill = self.kill
+                reason = kill.reason if kill is not None else ""
+                exc = (ForcedTermination if self.abandoned else Terminated)(self.id, reason)
+            else:
+                section.opened_at = time.monotonic()
+                self.sections.append(section)
+        if exc is not None:
+            self.terminator._emit(
+                "section_refused", self, details={"kind": section.kind}, reason=self.kill_reason
+            )
+            raise exc
+
+    def close_section(self, section: CriticalSection, exc: BaseException | None) -> None:
+        with self.lock:
+            try:
+                self.sections.remove(section)
+            except ValueError:
+                pass
+            kill = self.kill
+            effective = kill is not None and not self.sections
+            deliver = self._deliverable() if exc is None else None
+        if kill is not None and kill.deferred and effective:
+            self.terminator._kill_effective(self, section)
+        if deliver is not None:
+            raise deliver
+
+    # -- hooks ------------------------------------------------------------------
+
+    def save_checkpoint(self, state: Any) -> None:
+        self.last_checkpoint = state
+        store = self.terminator.store
+        if store is not None:
+            store.save_checkpoint(self.id, state)
+
+    def run_hooks(self, *, include_rollback: bool, by_terminator: bool = False) -> None:
+        """Claim and run hooks LIFO until the stack is empty."""
+        stack = self._hooks
+        if stack is None:
+            return
+        term = self.terminator
+        started = time.monotonic()
+        ran = False
+        reraise: BaseException | None = None
+        try:
+            while True:
+                hook = stack.claim(include_rollback=include_rollback)
+                if hook is None:
+                    return
+                ran = True
+                if by_terminator:
+                    term._run_hook_bounded(self, stack, hook)
+                else:
+                    # A KeyboardInterrupt/SystemExit in a hook is re-raised once
+                    # every other hook has run.
+                    exc = term._run_hook_inline(self, stack, hook)
+                    reraise = reraise or exc
+        finally:
+            if ran:
+                term._recorder.cleanup_finished(time.monotonic() - started)
+            if reraise is not None:
+                raise reraise
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def done_event(self) -> threading.Event:
+        with self.lock:
+            ev = self._done
+            if ev is None:
+                ev = self._done = threading.Event()
+                if is_terminal(self.state) and self.ended_at is not None:
+                    ev.set()
+            return ev
+
+    def _set_done(self) -> None:
+        with self.lock:
+            self.ended_at = time.monotonic()
+            ev = self._done
+        if ev is not None:
+            ev.set()
+
+    def transition(self, new: WorkflowState) -> WorkflowState:
+        """Move to ``new`` through the table (lock held); return the old state."""
+        old = self.state
+        check_transition(self.id, old, new)
+        self.state = new
+        return old
+
+
+def _check_id(workflow_id: object) -> str:
+    if not isinstance(workflow_id, str):
+        raise InvalidArgumentType(f"workflow id must be a str (got {workflow_id!r})")
+    if not workflow_id:
+        raise InvalidArgumentType("workflow id must not be empty (got '')")
+    return workflow_id
+
+
+def _check_opt_str(name: str, value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidArgumentType(f"{name} must be a str or None (got {value!r})")
+    return value
+
+
+def _check_depends(depends_on: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(depends_on, str):
+        raise InvalidArgumentType(
+            f"depends_on must be an iterable of workflow ids, not a string (got {depends_on!r})"
+        )
+    try:
+        ids = tuple(depends_on)
+    except TypeError:
+        raise InvalidArgumentType(
+            f"depends_on must be an iterable of workflow ids (got {depends_on!r})"
+        ) from None
+    for dep in ids:
+        if not isinstance(dep, str) or not dep:
+            raise InvalidArgumentType(f"depends_on must hold non-empty strings (got {dep!r})")
+    return ids
+
+
+class WorkflowContext:
+    """What ``workflow(...)`` returns: a sync/async context manager and a decorator.
+
+    Entering registers a new ``Workflow`` with the terminator and yields it;
+    leaving runs its hooks and records its final state. A ``Terminated`` raised
+    by this workflow's own kill is absorbed here (the workflow is the kill's
+    boundary, like a cancel scope); check ``wf.state`` afterwards. Any other
+    exception propagates after the rollback hooks ran.
+    """
+
+    __slots__ = ("_depends_on", "_id", "_owner", "_team", "_terminator", "_token", "_wf")
+
+    def __init__(
+        self,
+        workflow_id: str,
+        owner: str | None,
+        team: str | None,
+        depends_on: tuple[str, ...],
+        terminator: Terminator | None,
+    ) -> None:
+        self._id = workflow_id
+        self._owner = owner
+        self._team = team
+        self._depends_on = depends_on
+        self._terminator = terminator
+        self._wf: Workflow | None = None
+        self._token: Any = None
+
+    def _clone(self) -> WorkflowContext:
+        return WorkflowContext(self._id, self._owner, self._team, self._depends_on, self._terminator)
+
+    def _start(self) -> Workflow:
+        if self._wf is not None:
+            raise InvalidArgumentType(
+                f"workflow {self._id!r} context is already in use; call workflow(...) again"
+            )
+        term = self._terminator
+        if term is None:
+            from ._terminator import get_terminator
+
+            term = get_terminator()
+        parent = _current.get(None)
+        if parent is not None:
+            # No new work inside a workflow that is being killed.
+            parent.deliver()
+            if parent.kill is not None:
+                raise Terminated(parent.id, parent.kill_reason)
+        wf = term._register(self._id, self._owner, self._team, self._depends_on, parent)
+        self._wf = wf
+        self._token = _current.set(wf)
+        return wf
+
+    def _outcome(self, wf: Workflow, exc: BaseException | None) -> tuple[WorkflowState, bool]:
+        """The final state the exit path aims for, and whether to absorb ``exc``."""
+        if exc is None:
+            return S.COMPLETED, False
+        if isinstance(exc, Terminated) and wf.kill is not None:
+            return S.TERMINATED, True
+        if isinstance(exc, Terminated) and exc.workflow_id == wf.id:
+            return S.TERMINATED, True
+        return S.FAILED, False
+
+    def _finish(self, wf: Workflow, outcome: WorkflowState) -> None:
+        try:
+            wf.run_hooks(include_rollback=outcome is not S.COMPLETED)
+        finally:
+            wf.terminator._finish(wf, outcome)
+
+    # -- sync -------------------------------------------------------------------
+
+    def __enter__(self) -> Workflow:
+        wf = self._start()
+        wf.thread = threading.current_thread()
+        wf.terminator._started(wf)
+        return wf
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        wf = self._wf
+        assert wf is not None
+        try:
+            outcome, absorb = self._outcome(wf, exc)
+            wf.outcome = outcome
+            self._finish(wf, outcome)
+        finally:
+            _current.reset(self._token)
+            self._wf = None
+            self._token = None
+        return absorb
+
+    # -- async ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Workflow:
+        wf = self._start()
+        try:
+            wf.backend, wf._loop_call = _loop_caller()
+            scope = anyio.CancelScope()
+            scope.__enter__()
+            wf._scope = scope
+        except BaseException:
+            wf.terminator._finish(wf, S.FAILED)
+            _current.reset(self._token)
+            self._wf = None
+            raise
+        wf.terminator._started(wf)
+        if wf.kill is not None:
+            scope.cancel()
+        return wf
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        wf = self._wf
+        assert wf is not None
+        scope = wf._scope
+        assert scope is not None
+        try:
+            try:
+                swallowed = scope.__exit__(exc_type, exc, tb)
+            except BaseException as inner:
+                swallowed = False
+                exc = inner
+            if swallowed:
+                exc = Terminated(wf.id, wf.kill_reason)
+            outcome, absorb = self._outcome(wf, exc)
+            absorb = absorb or swallowed
+            wf.outcome = outcome
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._run_hooks_async(wf, outcome)
+            finally:
+                wf.terminator._finish(wf, outcome)
+        finally:
+            wf._scope = None
+            _current.reset(self._token)
+            self._wf = None
+            self._token = None
+        if exc is not None and not absorb and exc_type is None:
+            raise exc
+        return absorb
+
+    async def _run_hooks_async(self, wf: Workflow, outcome: WorkflowState) -> None:
+        stack = wf._hooks
+        if stack is None:
+            return
+        term = wf.terminator
+        include_rollback = outcome is not S.COMPLETED
+        while True:
+            hook = stack.claim(include_rollback=include_rollback)
+            if hook is None:
+                return
+            if hook.is_async:
+                await term._run_hook_async(wf, stack, hook)
+            else:
+                term._run_hook_inline(wf, stack, hook)
+
+    # -- decorator --------------------------------------------------------------
+
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R | None]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R | None]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        if not callable(fn):
+            raise InvalidArgumentType(f"workflow(...) decorates a function (got {fn!r})")
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                async with self._clone():
+                    return await fn(*args, **kwargs)
+                return None  # the workflow was killed: the kill was absorbed
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with self._clone():
+                return fn(*args, **kwargs)
+            return None  # the workflow was killed: the kill was absorbed
+
+        return wrapper
+
+
+def _loop_caller() -> tuple[str, Callable[[Callable[[], object]], object]]:
+    """The running backend's name and a thread-safe, non-blocking 'call soon'."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return "asyncio", loop.call_soon_threadsafe
+    import trio
+
+    token = trio.lowlevel.current_trio_token()
+    return "trio", token.run_sync_soon
+
+
+def workflow(
+    workflow_id: str,
+    *,
+    owner: str | None = None,
+    team: str | None = None,
+    depends_on: Iterable[str] = (),
+    terminator: Terminator | None = None,
+) -> WorkflowContext:
+    """Run a block or function as a workflow that can be killed safely.
+
+    ``with workflow("nightly", owner="alice") as wf: ...``,
+    ``async with workflow(...)``, or ``@workflow("nightly")`` on a sync or
+    async function (each call runs a fresh workflow with that id). The body
+    runs with the workflow in scope (``current_workflow()``), in threads
+    started by ``anyio.to_thread`` and tasks it spawns too.
+
+    On leaving: success runs the cleanup hooks (rollback hooks are dropped) and
+    records ``completed``; an exception runs every hook LIFO, records
+    ``failed`` and propagates; this workflow's own kill runs every hook LIFO,
+    records ``terminated`` and is absorbed (a decorated function then returns
+    ``None``).
+
+    Args:
+        workflow_id: Unique among the terminator's live workflows.
+        owner: The owner's principal id; the owner may kill the workflow.
+        team: The team; its team leads may kill the workflow.
+        depends_on: Ids of workflows whose termination must stop this one too.
+        terminator: Defaults to ``get_terminator()``.
+
+    Returns:
+        A ``WorkflowContext``.
+
+    Raises:
+        InvalidArgumentType: an argument has the wrong type or the id is empty.
+        DuplicateWorkflow: on entry, when a live workflow already has the id.
+        Terminated: on entry inside a workflow that is being killed.
+    """
+    from ._terminator import Terminator
+
+    if terminator is not None and not isinstance(terminator, Terminator):
+        raise InvalidArgumentType(f"terminator must be a Terminator (got {terminator!r})")
+    return WorkflowContext(
+        _check_id(workflow_id),
+        _check_opt_str("owner", owner),
+        _check_opt_str("team", team),
+        _check_depends(depends_on),
+        terminator,
+    )
+
+
+def current_workflow() -> Workflow | None:
+    """The workflow in scope in this thread or task, or ``None``."""
+    return _current.get()
+
+
+def checkpoint(state: Any = None) -> None:
+    """A cancellation point; also saves ``state`` as the workflow's checkpoint.
+
+    Cheap when no kill is pending. Outside a workflow it does nothing.
+
+    Args:
+        state: If not ``None``, recorded as ``current_workflow().last_checkpoint``
+            (and in the durable store when the terminator has one).
+
+    Raises:
+        Terminated: a kill is pending and no critical section is open.
+        ForcedTermination: the forced phase has begun, or an open section's
+            grace period ran out.
+    """
+    wf = _current.get()
+    if wf is None:
+        return
+    if state is not None:
+        wf.save_checkpoint(state)
+    if wf.kill is not None:
+        wf.deliver()
+
+
+def sleep(seconds: float) -> None:
+    """Sleep in a thread workflow, waking at once when a kill may land.
+
+    Outside a workflow this is ``time.sleep``. In async code use
+    ``await anyio.sleep()``, which is already a cancellation point.
+
+    Raises:
+        InvalidArgumentType: ``seconds`` is not a number.
+        ConfigurationError: ``seconds`` is negative, NaN or infinite.
+        Terminated: a kill is pending (or arrives) and may land here.
+        ForcedTermination: as for ``checkpoint()``.
+    """
+    from ._sections import validate_seconds
+
+    duration = validate_seconds("seconds", seconds)
+    assert duration is not None
+    wf = _current.get()
+    if wf is None:
+        time.sleep(duration)
+        return
+    deadline = time.monotonic() + duration
+    with wf.lock:
+        if wf._cond is None:
+            wf._cond = threading.Condition(wf.lock)
+        cond = wf._cond
+        while True:
+            exc = wf._deliverable()
+            if exc is not None:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            cond.wait(remaining)
+    raise exc
+
+
+def _require_workflow(what: str) -> Workflow:
+    wf = _current.get()
+    if wf is None:
+        raise NoActiveWorkflow(f"{what} needs a workflow in scope; call it inside workflow(...)")
+    return wf
+
+
+def on_rollback(fn: Callable[[], Any]) -> Hook:
+    """Register ``fn`` to run if the current workflow fails or is killed.
+
+    Hooks of both kinds share one LIFO stack and each runs exactly once.
+    ``fn`` may be an ``async def`` in an async workflow.
+
+    Returns:
+        The ``Hook``; ``current_workflow().hooks.remove(hook)`` deregisters it.
+
+    Raises:
+        NoActiveWorkflow: no workflow is in scope.
+        InvalidArgumentType: ``fn`` is not callable.
+    """
+    return _require_workflow("on_rollback()").hooks.push(fn, "rollback")
+
+
+def on_cleanup(fn: Callable[[], Any]) -> Hook:
+    """Register ``fn`` to run whenever the current workflow ends, however it ends.
+
+    Returns:
+        The ``Hook``; ``current_workflow().hooks.remove(hook)`` deregisters it.
+
+    Raises:
+        NoActiveWorkflow: no workflow is in scope.
+        InvalidArgumentType: ``fn`` is not callable.
+    """
+    return _require_workflow("on_cleanup()").hooks.push(fn, "cleanup")
