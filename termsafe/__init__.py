@@ -14,6 +14,7 @@ Importing termsafe has no side effects: no signal handler, no thread, no file.
 # table; _permissions: who may kill; _audit: the trail; _metrics; _signals).
 # This file only re-exports them and makes tracebacks show ``termsafe.X``.
 
+from ._alerts import Alert, AlertThresholds
 from ._audit import (
     Anchor,
     AuditEvent,
@@ -46,7 +47,7 @@ from ._permissions import Decision, Principal
 from ._sections import CriticalSection, critical_section, shielded
 from ._signals import SignalHandlers, install_signal_handlers
 from ._states import TRANSITIONS, WorkflowState
-from ._terminator import KillHandle, Phases, Terminator, get_terminator
+from ._terminator import KillHandle, Phases, TerminationRequest, Terminator, get_terminator
 from ._workflow import (
     Workflow,
     WorkflowContext,
@@ -54,6 +55,7 @@ from ._workflow import (
     current_workflow,
     on_cleanup,
     on_rollback,
+    request_termination,
     sleep,
     workflow,
 )
@@ -61,7 +63,8 @@ from ._workflow import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "TRANSITIONS",
+    "Alert",
+    "AlertThresholds",
     "Anchor",
     "AuditEvent",
     "AuditSink",
@@ -86,7 +89,9 @@ __all__ = [
     "Phases",
     "Principal",
     "SignalHandlers",
+    "TRANSITIONS",
     "Terminated",
+    "TerminationRequest",
     "Terminator",
     "TermsafeError",
     "UnknownSectionKind",
@@ -104,6 +109,7 @@ __all__ = [
     "on_cleanup",
     "on_rollback",
     "redact_fields",
+    "request_termination",
     "shielded",
     "sleep",
     "verify_audit_log",

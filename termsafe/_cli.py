@@ -92,7 +92,7 @@ def _audit_tail(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  # noqa: RET503
     """Run the ``termsafe`` command; return its exit code.
 
     Args:
@@ -117,5 +117,4 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"termsafe: error: {exc}\n")
         return EXIT_USAGE
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_USAGE  # pragma: no cover - parser.error exits
+    parser.error(f"unknown command {args.command!r}")  # exits with EXIT_USAGE

@@ -23,7 +23,15 @@ __all__ = ["EventPipe"]
 
 log = logging.getLogger("termsafe")
 
-_Item = tuple[float, str, "str | None", "Mapping[str, Any] | None", "str | None", "str | None", "Mapping[str, Any]"]
+_Item = tuple[
+    float,  # wall-clock time of the event
+    str,  # type
+    "str | None",  # workflow id
+    "Mapping[str, Any] | None",  # actor
+    "str | None",  # reason
+    "str | None",  # state
+    "Mapping[str, Any]",  # details
+]
 
 
 class EventPipe:

@@ -210,7 +210,7 @@ class HookFailed(TermsafeError, RuntimeError):
         return (type(self), (self.workflow_id, self.failures))
 
 
-class Terminated(BaseException):  # noqa: N818 - named like trio.Cancelled: it is not an error
+class Terminated(BaseException):
     """Raised inside a workflow at a cancellation point when it is being killed.
 
     It derives from ``BaseException`` (like ``asyncio.CancelledError``) so that

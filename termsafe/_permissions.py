@@ -28,7 +28,13 @@ from ._exceptions import ConfigurationError, InvalidArgumentType
 if TYPE_CHECKING:
     from ._workflow import Workflow
 
-__all__ = ["KILL_PERMITTED_ROLES", "PRINCIPAL_KINDS", "Decision", "Principal", "has_kill_permission"]
+__all__ = [
+    "KILL_PERMITTED_ROLES",
+    "PRINCIPAL_KINDS",
+    "Decision",
+    "Principal",
+    "has_kill_permission",
+]
 
 PrincipalKind = Literal["user", "system", "external", "workflow"]
 PRINCIPAL_KINDS: Final = ("external", "system", "user", "workflow")
@@ -42,11 +48,15 @@ def _frozen_strings(name: str) -> Callable[[Iterable[str]], frozenset[str]]:
     def convert(value: Iterable[str]) -> frozenset[str]:
         if isinstance(value, str):
             # A bare string is an iterable of characters: almost always a mistake.
-            raise InvalidArgumentType(f"{name} must be an iterable of strings, not a string (got {value!r})")
+            raise InvalidArgumentType(
+                f"{name} must be an iterable of strings, not a string (got {value!r})"
+            )
         try:
             items = frozenset(value)
         except TypeError:
-            raise InvalidArgumentType(f"{name} must be an iterable of strings (got {value!r})") from None
+            raise InvalidArgumentType(
+                f"{name} must be an iterable of strings (got {value!r})"
+            ) from None
         for item in items:
             if not isinstance(item, str):
                 raise InvalidArgumentType(f"{name} must hold strings (got {item!r} in {value!r})")
@@ -55,14 +65,22 @@ def _frozen_strings(name: str) -> Callable[[Iterable[str]], frozenset[str]]:
     return convert
 
 
-def _check_id(_inst: object, _attr: object, value: object) -> None:
+def _roles(value: Iterable[str]) -> frozenset[str]:
+    return _frozen_strings("roles")(value)
+
+
+def _teams(value: Iterable[str]) -> frozenset[str]:
+    return _frozen_strings("teams")(value)
+
+
+def _check_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str):
         raise InvalidArgumentType(f"principal id must be a str (got {value!r})")
     if not value:
         raise ConfigurationError("principal id must not be empty (got '')")
 
 
-def _check_kind(_inst: object, _attr: object, value: object) -> None:
+def _check_kind(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
     if value not in PRINCIPAL_KINDS:
         raise ConfigurationError(
             f"unknown principal kind {value!r} (known: {', '.join(PRINCIPAL_KINDS)})"
@@ -89,8 +107,8 @@ class Principal:
 
     id: str = attrs.field(validator=_check_id)
     kind: PrincipalKind = attrs.field(default="user", validator=_check_kind)
-    roles: frozenset[str] = attrs.field(default=(), converter=_frozen_strings("roles"))
-    teams: frozenset[str] = attrs.field(default=(), converter=_frozen_strings("teams"))
+    roles: frozenset[str] = attrs.field(default=(), converter=_roles)
+    teams: frozenset[str] = attrs.field(default=(), converter=_teams)
 
     def as_dict(self) -> dict[str, object]:
         """Return a JSON-ready mapping (roles and teams sorted)."""

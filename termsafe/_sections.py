@@ -16,7 +16,6 @@ import functools
 import inspect
 import math
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
@@ -28,7 +27,6 @@ from ._exceptions import (
     ConfigurationError,
     ForcedTermination,
     InvalidArgumentType,
-    Terminated,
     UnknownSectionKind,
 )
 
@@ -214,7 +212,9 @@ class CriticalSection:
     ) -> bool:
         scope, self._scope = self._scope, None
         assert scope is not None
-        swallowed = scope.__exit__(exc_type, exc, tb)
+        # trio's CancelScope.__exit__ returns True when there was no exception
+        # at all; only a suppressed exception counts.
+        swallowed = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
         wf, self._workflow = self._workflow, None
         if wf is None:
             return swallowed

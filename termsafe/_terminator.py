@@ -37,6 +37,7 @@ import anyio
 import attrs
 
 from . import _permissions as perms
+from ._alerts import Alert, AlertEngine, AlertThresholds
 from ._events import EventPipe
 from ._exceptions import (
     ConfigurationError,
@@ -58,7 +59,15 @@ from ._workflow import Workflow, WorkflowContext
 if TYPE_CHECKING:
     from ._audit import AuditEvent, AuditSink
 
-__all__ = ["PROCESS_PRINCIPAL", "KillHandle", "KillRequest", "Phases", "Terminator", "get_terminator"]
+__all__ = [
+    "PROCESS_PRINCIPAL",
+    "KillHandle",
+    "KillRequest",
+    "Phases",
+    "Terminator",
+    "TerminationRequest",
+    "get_terminator",
+]
 
 log = logging.getLogger("termsafe")
 
@@ -66,6 +75,30 @@ S = WorkflowState
 
 #: The principal the terminator acts as for signals and cascades.
 PROCESS_PRINCIPAL: Final = Principal("termsafe", kind="system", roles=("process",))
+#: The principal an approved ``request_termination()`` is carried out as.
+REQUEST_POLICY_PRINCIPAL: Final = Principal("termination-request-policy", kind="system")
+
+RequestVerdict = str  # "approve" | "deny" | "escalate"
+RequestPolicy = Callable[[Workflow, str], RequestVerdict]
+REQUEST_VERDICTS: Final = ("approve", "deny", "escalate")
+
+
+@attrs.frozen
+class TerminationRequest:
+    """A workflow's request to be stopped, and what the policy decided.
+
+    Attributes:
+        workflow_id: The workflow that asked.
+        reason: Why it asked.
+        verdict: ``approve`` (the kill is under way), ``deny``, or ``escalate``
+            (recorded for a human, who kills it through the normal path).
+        handle: The ``KillHandle`` when approved, else ``None``.
+    """
+
+    workflow_id: str
+    reason: str
+    verdict: str
+    handle: KillHandle | None = attrs.field(default=None, eq=False)
 
 
 def _seconds(name: str) -> Callable[[object, attrs.Attribute[float], object], None]:
@@ -204,6 +237,7 @@ class Terminator:
             and the rest run without it.
         section_grace: Grace overrides per section kind, e.g. ``{"git": 60}``.
         metrics_hook: A ``MetricsHook`` adapter (default: no-op).
+        alert_thresholds: Where the alert rules fire (default: the requirements').
         history: How many finished workflows to remember for ``can_kill``.
 
     Raises:
@@ -220,6 +254,7 @@ class Terminator:
         hook_timeout: float = 10.0,
         section_grace: Mapping[str, float] | None = None,
         metrics_hook: MetricsHook | None = None,
+        alert_thresholds: AlertThresholds | None = None,
         history: int = 10_000,
     ) -> None:
         if phases is None:
@@ -228,6 +263,10 @@ class Terminator:
             raise InvalidArgumentType(f"phases must be a Phases (got {phases!r})")
         timeout = validate_seconds("hook_timeout", hook_timeout)
         assert timeout is not None
+        if alert_thresholds is not None and not isinstance(alert_thresholds, AlertThresholds):
+            raise InvalidArgumentType(
+                f"alert_thresholds must be an AlertThresholds (got {alert_thresholds!r})"
+            )
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ConfigurationError(f"history must be an int >= 0 (got {history!r})")
         if sink is None:
@@ -250,7 +289,13 @@ class Terminator:
         self._orphans: list[Workflow] = []
         self._timer = DeadlineTimer()
         self._recorder = Recorder(metrics_hook)
-        self._pipe = EventPipe(sink, self._recorder.event, self._sink_failed)
+        self._pipe = EventPipe(sink, self._delivered, self._sink_failed)
+        self._pipe.add_listener(self._dispatch_alert)
+        self._alerts = AlertEngine(alert_thresholds)
+        self._alert_listeners: list[Callable[[Alert], object]] = []
+        self._dependents: dict[str, set[str]] = {}
+        self._dependency_listeners: list[Callable[[Workflow, str, WorkflowState], object]] = []
+        self._request_policy: RequestPolicy | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -270,6 +315,7 @@ class Terminator:
         owner: str | None = None,
         team: str | None = None,
         depends_on: Iterable[str] = (),
+        cascade: bool = True,
     ) -> WorkflowContext:
         """``termsafe.workflow(...)`` bound to this terminator.
 
@@ -279,7 +325,12 @@ class Terminator:
         from ._workflow import workflow
 
         return workflow(
-            workflow_id, owner=owner, team=team, depends_on=depends_on, terminator=self
+            workflow_id,
+            owner=owner,
+            team=team,
+            depends_on=depends_on,
+            terminator=self,
+            cascade=cascade,
         )
 
     def critical_section(self, kind: str, grace: float | None = None) -> CriticalSection:
@@ -364,16 +415,14 @@ class Terminator:
         return len(self._live)
 
     def metrics(self) -> MetricsSnapshot:
-        """A snapshot of the kill metrics."""
-        with self._lock:
-            alive = 0
-            keep = []
-            for wf in self._orphans:
-                if wf.thread is not None and wf.thread.is_alive():
-                    alive += 1
-                    keep.append(wf)
-            self._orphans = keep
+        """A snapshot of the kill metrics (also re-evaluates the orphan alert)."""
+        alive = self._orphans_alive()
+        self._alert(self._alerts.orphans(alive))
         return self._recorder.snapshot(alive)
+
+    def alert_level(self, rule: str) -> str | None:
+        """The current level of an alert rule: ``None``, ``"warning"`` or ``"critical"``."""
+        return self._alerts.level(rule)
 
     def can_kill(self, workflow_id: str, principal: Principal) -> Decision:
         """Pre-kill validation, in the seed's order.
@@ -525,10 +574,7 @@ class Terminator:
             if is_terminal(wf.state):
                 fresh = False
                 request = wf.kill
-                if request is None or request.handle is None:
-                    finished = True
-                else:
-                    finished = False
+                finished = request is None or request.handle is None
             else:
                 finished = False
                 request = wf.kill
@@ -551,7 +597,8 @@ class Terminator:
             sections = [(s.kind, self._grace_of(s)) for s in wf.sections] if fresh else []
         if finished:
             self._refuse(wf.id, by, reason, perms.FINISHED)
-        assert request is not None and request.handle is not None
+        assert request is not None
+        assert request.handle is not None
         actor = by.as_dict()
         if not fresh:
             self._pipe.emit(
@@ -714,9 +761,9 @@ class Terminator:
             {"phase": "system", "orphan_thread": orphan},
         )
         if orphan:
-            self._recorder.orphan("thread")
             with self._lock:
                 self._orphans.append(wf)
+            self._observe_orphan("thread")
             self._pipe.emit(
                 "orphan_detected",
                 wf.id,
@@ -771,6 +818,8 @@ class Terminator:
                 raise DuplicateWorkflow(workflow_id)
             self._live[workflow_id] = wf
             self._finished.pop(workflow_id, None)
+            for dep in depends_on:
+                self._dependents.setdefault(dep, set()).add(workflow_id)
         if parent is not None:
             with parent.lock:
                 if parent._children is None:
@@ -825,6 +874,12 @@ class Terminator:
         with self._lock:
             if self._live.get(wf.id) is wf:
                 del self._live[wf.id]
+                for dep in wf.depends_on:
+                    ids = self._dependents.get(dep)
+                    if ids is not None:
+                        ids.discard(wf.id)
+                        if not ids:
+                            del self._dependents[dep]
             if self._history:
                 self._finished[wf.id] = wf
                 while len(self._finished) > self._history:
@@ -835,6 +890,9 @@ class Terminator:
             latency = time.monotonic() - request.requested_at
             details["kill_latency_ms"] = round(latency * 1000, 3)
             self._recorder.kill_finished(final.value, latency)
+            rec = self._recorder
+            finished = rec.kills_succeeded + rec.kills_failed
+            self._alert(self._alerts.failed_kills(rec.kills_failed, finished))
         if wf.hook_failures:
             details["hook_failures"] = len(wf.hook_failures)
         self._pipe.emit(
@@ -846,6 +904,8 @@ class Terminator:
             details,
         )
         wf._set_done()
+        if final in (S.TERMINATED, S.KILLED):
+            self._notify_dependents(wf, final)
 
     def _kill_effective(self, wf: Workflow, section: CriticalSection) -> None:
         request = wf.kill
@@ -1009,9 +1069,171 @@ class Terminator:
 
     # -- audit --------------------------------------------------------------------------
 
+    def _delivered(self, ok: bool) -> None:
+        self._recorder.event(ok)
+        if ok and self._alerts.level("audit_sink") is None:
+            return
+        self._alert(self._alerts.audit_sink(ok, self._recorder.events_dropped))
+
     def _sink_failed(self, event: AuditEvent, exc: BaseException) -> None:
-        # The alert rules (failed sink) hang off this in the observability layer.
+        # Already logged and counted by the pipe; _delivered raised the alert.
         pass
+
+    # -- alerts ---------------------------------------------------------------------
+
+    def _observe_cleanup(self, seconds: float) -> None:
+        self._recorder.cleanup_finished(seconds)
+        self._alert(self._alerts.cleanup_time(seconds))
+
+    def _observe_orphan(self, kind: str) -> None:
+        self._recorder.orphan(kind)
+        self._alert(self._alerts.orphans(self._orphans_alive()))
+
+    def _orphans_alive(self) -> int:
+        with self._lock:
+            keep = [
+                wf for wf in self._orphans if wf.thread is not None and wf.thread.is_alive()
+            ]
+            self._orphans = keep
+            return len(keep)
+
+    def _alert(self, alert: Alert | None) -> None:
+        if alert is None:
+            return
+        self._pipe.emit(
+            "alert",
+            None,
+            None,
+            alert.message,
+            None,
+            {
+                "rule": alert.rule,
+                "severity": alert.severity,
+                "value": alert.value,
+                "threshold": alert.threshold,
+            },
+        )
+
+    def _dispatch_alert(self, event: AuditEvent) -> None:
+        if event.type != "alert" or not self._alert_listeners:
+            return
+        d = event.details
+        alert = Alert(d["rule"], d["severity"], d["value"], d["threshold"], event.reason or "")
+        for fn in list(self._alert_listeners):
+            try:
+                fn(alert)
+            except Exception:
+                log.exception("termsafe: alert listener %r failed", fn)
+
+    def add_alert_listener(self, fn: Callable[[Alert], object]) -> None:
+        """Call ``fn(alert)`` whenever an alert rule changes level (audit thread).
+
+        Every alert is also an ``alert`` audit event.
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise InvalidArgumentType(f"alert listener must be callable (got {fn!r})")
+        self._alert_listeners.append(fn)
+
+    # -- dependents -----------------------------------------------------------------
+
+    def add_dependency_listener(
+        self, fn: Callable[[Workflow, str, WorkflowState], object]
+    ) -> None:
+        """Call ``fn(dependent, dependency_id, final_state)`` when a dependency of a
+        live workflow is terminated or killed (in the thread that ended it).
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise InvalidArgumentType(f"dependency listener must be callable (got {fn!r})")
+        self._dependency_listeners.append(fn)
+
+    def _notify_dependents(self, wf: Workflow, final: WorkflowState) -> None:
+        with self._lock:
+            ids = sorted(self._dependents.get(wf.id, ()))
+            dependents = [self._live[i] for i in ids if i in self._live]
+        for dep in dependents:
+            self._pipe.emit(
+                "dependency_ended",
+                dep.id,
+                None,
+                f"dependency {wf.id!r} was {final.value}",
+                dep.state.value,
+                {"dependency": wf.id, "dependency_state": final.value, "cascade": dep.cascade},
+            )
+            for fn in list(self._dependency_listeners):
+                try:
+                    fn(dep, wf.id, final)
+                except Exception:
+                    log.exception("termsafe: dependency listener %r failed", fn)
+            if dep.cascade and dep.kill is None and not is_terminal(dep.state):
+                # Each dependent is killed once however many paths lead to it;
+                # it notifies its own dependents when it ends (transitively).
+                self._start_kill(
+                    dep,
+                    PROCESS_PRINCIPAL,
+                    f"dependency {wf.id!r} was {final.value}",
+                    False,
+                )
+
+    # -- requests from inside a workflow -------------------------------------------------
+
+    def set_request_policy(self, policy: RequestPolicy | None) -> None:
+        """Decide ``request_termination()`` calls: ``policy(workflow, reason)``
+        returns ``"approve"``, ``"deny"`` or ``"escalate"``.
+
+        Without a policy every request is escalated: recorded for a human.
+
+        Raises:
+            InvalidArgumentType: ``policy`` is not callable (or ``None``).
+        """
+        if policy is not None and not callable(policy):
+            raise InvalidArgumentType(f"request policy must be callable (got {policy!r})")
+        self._request_policy = policy
+
+    def request_termination(self, wf: Workflow, reason: str) -> TerminationRequest:
+        """Record ``wf``'s request to be stopped and apply the request policy.
+
+        Raises:
+            InvalidArgumentType: ``reason`` is not a string.
+        """
+        if not isinstance(reason, str):
+            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+        actor = Principal(wf.id, kind="workflow").as_dict()
+        self._pipe.emit("termination_requested", wf.id, actor, reason, wf.state.value, {})
+        policy = self._request_policy
+        verdict = "escalate"
+        error = None
+        if policy is not None:
+            try:
+                verdict = policy(wf, reason)
+            except Exception as exc:
+                error = repr(exc)
+                verdict = "escalate"
+            if verdict not in REQUEST_VERDICTS:
+                error = f"policy returned {verdict!r} (known: {', '.join(REQUEST_VERDICTS)})"
+                verdict = "escalate"
+        details: dict[str, Any] = {"verdict": verdict}
+        if error is not None:
+            details["policy_error"] = error
+        self._pipe.emit(
+            "termination_request_decided",
+            wf.id,
+            REQUEST_POLICY_PRINCIPAL.as_dict(),
+            reason,
+            wf.state.value,
+            details,
+        )
+        handle = None
+        if verdict == "approve" and not is_terminal(wf.state):
+            handle = self._start_kill(
+                wf, REQUEST_POLICY_PRINCIPAL, f"requested by the workflow: {reason}", False
+            )
+        return TerminationRequest(wf.id, reason, verdict, handle)
 
     def add_event_listener(self, fn: Callable[[AuditEvent], None]) -> None:
         """Call ``fn(event)`` for every audit event, after the sink (audit thread).

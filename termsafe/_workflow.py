@@ -30,7 +30,7 @@ from ._states import WorkflowState, check_transition, is_terminal
 
 if TYPE_CHECKING:
     from ._sections import CriticalSection
-    from ._terminator import KillRequest, Terminator
+    from ._terminator import KillRequest, TerminationRequest, Terminator
 
 __all__ = [
     "Workflow",
@@ -39,6 +39,7 @@ __all__ = [
     "current_workflow",
     "on_cleanup",
     "on_rollback",
+    "request_termination",
     "sleep",
     "workflow",
 ]
@@ -76,6 +77,7 @@ class Workflow:
         "_scope",
         "abandoned",
         "backend",
+        "cascade",
         "depends_on",
         "ended_at",
         "hook_failures",
@@ -108,6 +110,8 @@ class Workflow:
         self.owner = owner
         self.team = team
         self.depends_on = depends_on
+        #: Whether a terminated/killed dependency terminates this workflow too.
+        self.cascade = True
         self.terminator = terminator
         self.parent = parent
         self.state = S.PENDING
@@ -283,7 +287,7 @@ class Workflow:
                     reraise = reraise or exc
         finally:
             if ran:
-                term._recorder.cleanup_finished(time.monotonic() - started)
+                term._observe_cleanup(time.monotonic() - started)
             if reraise is not None:
                 raise reraise
 
@@ -354,7 +358,16 @@ class WorkflowContext:
     exception propagates after the rollback hooks ran.
     """
 
-    __slots__ = ("_depends_on", "_id", "_owner", "_team", "_terminator", "_token", "_wf")
+    __slots__ = (
+        "_cascade",
+        "_depends_on",
+        "_id",
+        "_owner",
+        "_team",
+        "_terminator",
+        "_token",
+        "_wf",
+    )
 
     def __init__(
         self,
@@ -363,8 +376,10 @@ class WorkflowContext:
         team: str | None,
         depends_on: tuple[str, ...],
         terminator: Terminator | None,
+        cascade: bool = True,
     ) -> None:
         self._id = workflow_id
+        self._cascade = cascade
         self._owner = owner
         self._team = team
         self._depends_on = depends_on
@@ -373,7 +388,9 @@ class WorkflowContext:
         self._token: Any = None
 
     def _clone(self) -> WorkflowContext:
-        return WorkflowContext(self._id, self._owner, self._team, self._depends_on, self._terminator)
+        return WorkflowContext(
+            self._id, self._owner, self._team, self._depends_on, self._terminator, self._cascade
+        )
 
     def _start(self) -> Workflow:
         if self._wf is not None:
@@ -392,6 +409,7 @@ class WorkflowContext:
             if parent.kill is not None:
                 raise Terminated(parent.id, parent.kill_reason)
         wf = term._register(self._id, self._owner, self._team, self._depends_on, parent)
+        wf.cascade = self._cascade
         self._wf = wf
         self._token = _current.set(wf)
         return wf
@@ -469,7 +487,9 @@ class WorkflowContext:
         assert scope is not None
         try:
             try:
-                swallowed = scope.__exit__(exc_type, exc, tb)
+                # trio's CancelScope.__exit__ returns True when there was no
+                # exception at all; only a suppressed exception counts.
+                swallowed = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
             except BaseException as inner:
                 swallowed = False
                 exc = inner
@@ -560,6 +580,7 @@ def workflow(
     team: str | None = None,
     depends_on: Iterable[str] = (),
     terminator: Terminator | None = None,
+    cascade: bool = True,
 ) -> WorkflowContext:
     """Run a block or function as a workflow that can be killed safely.
 
@@ -579,8 +600,13 @@ def workflow(
         workflow_id: Unique among the terminator's live workflows.
         owner: The owner's principal id; the owner may kill the workflow.
         team: The team; its team leads may kill the workflow.
-        depends_on: Ids of workflows whose termination must stop this one too.
+        depends_on: Ids of workflows this one depends on. When one of them is
+            terminated or killed, this workflow is notified (a
+            ``dependency_ended`` event and the terminator's dependency
+            listeners) and, with ``cascade=True``, terminated too.
         terminator: Defaults to ``get_terminator()``.
+        cascade: ``False`` to be notified only, not terminated, when a
+            dependency is terminated or killed.
 
     Returns:
         A ``WorkflowContext``.
@@ -594,12 +620,15 @@ def workflow(
 
     if terminator is not None and not isinstance(terminator, Terminator):
         raise InvalidArgumentType(f"terminator must be a Terminator (got {terminator!r})")
+    if not isinstance(cascade, bool):
+        raise InvalidArgumentType(f"cascade must be a bool (got {cascade!r})")
     return WorkflowContext(
         _check_id(workflow_id),
         _check_opt_str("owner", owner),
         _check_opt_str("team", team),
         _check_depends(depends_on),
         terminator,
+        cascade,
     )
 
 
@@ -665,6 +694,28 @@ def sleep(seconds: float) -> None:
                 return
             cond.wait(remaining)
     raise exc
+
+
+def request_termination(reason: str) -> TerminationRequest:
+    """Ask for the current workflow to be stopped (workflows may not kill themselves).
+
+    The request is audited and decided by the terminator's request policy
+    (``Terminator.set_request_policy``): approved, the kill starts and lands at
+    the next cancellation point; denied, nothing happens; escalated (the
+    default with no policy), it is recorded for a human to decide.
+
+    Args:
+        reason: Why the workflow wants to stop.
+
+    Returns:
+        The ``TerminationRequest`` with the policy's verdict.
+
+    Raises:
+        NoActiveWorkflow: no workflow is in scope.
+        InvalidArgumentType: ``reason`` is not a string.
+    """
+    wf = _require_workflow("request_termination()")
+    return wf.terminator.request_termination(wf, reason)
 
 
 def _require_workflow(what: str) -> Workflow:
