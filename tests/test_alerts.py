@@ -36,7 +36,11 @@ class TestAlertEngine:
         assert engine.failed_kills(1, 100) is None  # exactly 1 %
         warning = engine.failed_kills(2, 100)
         assert warning is not None
-        assert ("failed_kills", "warning", 0.01) == (warning.rule, warning.severity, warning.threshold)
+        assert ("failed_kills", "warning", 0.01) == (
+            warning.rule,
+            warning.severity,
+            warning.threshold,
+        )
         assert engine.failed_kills(5, 100) is None  # exactly 5 %: still a warning, no change
         critical = engine.failed_kills(6, 100)
         assert critical is not None
@@ -100,8 +104,10 @@ def _stuck_workflow(term: ts.Terminator, wid: str, release: threading.Event) -> 
 
 
 class TestTerminatorAlerts:
-    def test_killed_workflow_raises_failed_kills_and_orphan_alerts(self, term: ts.Terminator) -> None:
-        """A kill the system phase must take over is a failed kill (critical) and an orphan (critical)."""
+    def test_killed_workflow_raises_failed_kills_and_orphan_alerts(
+        self, term: ts.Terminator
+    ) -> None:
+        """A kill the system phase takes over is a failed kill and an orphan (both critical)."""
         seen: list[Alert] = []
         term.add_alert_listener(seen.append)
         release = threading.Event()

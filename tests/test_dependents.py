@@ -66,14 +66,23 @@ class TestDependents:
         runner.start("B", ("A",))
         runner.start("C", ("B",))
         notified: list[tuple[str, str, WorkflowState]] = []
-        term.add_dependency_listener(lambda dep, cause, state: notified.append((dep.id, cause, state)))
+        term.add_dependency_listener(
+            lambda dep, cause, state: notified.append((dep.id, cause, state))
+        )
         assert WorkflowState.TERMINATED == term.kill("A", by=ADMIN, reason="bad input").wait(10)
         for wid in ("B", "C"):
             assert term.get(wid).done_event().wait(10)
             assert WorkflowState.TERMINATED == term.get(wid).state
         runner.join()
-        assert [("B", "A", WorkflowState.TERMINATED), ("C", "B", WorkflowState.TERMINATED)] == notified
-        ended = [(e.workflow_id, e.details["dependency"]) for e in _events(term) if e.type == "dependency_ended"]
+        assert [
+            ("B", "A", WorkflowState.TERMINATED),
+            ("C", "B", WorkflowState.TERMINATED),
+        ] == notified
+        ended = [
+            (e.workflow_id, e.details["dependency"])
+            for e in _events(term)
+            if e.type == "dependency_ended"
+        ]
         assert [("B", "A"), ("C", "B")] == ended
 
     def test_opt_out_is_notified_but_keeps_running(self, term: ts.Terminator) -> None:
@@ -101,9 +110,11 @@ class TestDependents:
             assert WorkflowState.TERMINATED == term.get(wid).state
         runner.join()
         accepted = [
-            e.workflow_id for e in _events(term) if e.type == "kill_requested" and "phase" in e.details
+            str(e.workflow_id)
+            for e in _events(term)
+            if e.type == "kill_requested" and "phase" in e.details
         ]
-        assert sorted(["X", "Y", "Z"]) == sorted(accepted)
+        assert ["X", "Y", "Z"] == sorted(accepted)
 
     def test_completed_dependency_does_not_cascade(self, term: ts.Terminator) -> None:
         """Only a terminated or killed dependency stops its dependents."""
@@ -116,7 +127,9 @@ class TestDependents:
 
 
 class TestRequestTermination:
-    def _run(self, term: ts.Terminator, wid: str) -> tuple[threading.Thread, list[ts.TerminationRequest]]:
+    def _run(
+        self, term: ts.Terminator, wid: str
+    ) -> tuple[threading.Thread, list[ts.TerminationRequest]]:
         out: list[ts.TerminationRequest] = []
         done = threading.Event()
 

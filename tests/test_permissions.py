@@ -49,7 +49,9 @@ class Fleet:
     """Real workflows in every state the validation distinguishes."""
 
     def __init__(self) -> None:
-        self.term = ts.Terminator(phases=ts.Phases(0.05, 0.05), sink=ts.MemorySink(), hook_timeout=1)
+        self.term = ts.Terminator(
+            phases=ts.Phases(0.05, 0.05), sink=ts.MemorySink(), hook_timeout=1
+        )
         self.term.register_policy("max-runtime", lambda wf, p: True)
         self.term.register_policy("never", lambda wf, p: False)
         self.term.register_policy("broken", _crash)
@@ -60,7 +62,10 @@ class Fleet:
         # completed, failed
         with self.term.workflow("completed", owner=OWNER, team=TEAM):
             pass
-        with pytest.raises(ValueError, match="boom"), self.term.workflow("failed", owner=OWNER, team=TEAM):
+        with (
+            pytest.raises(ValueError, match="boom"),
+            self.term.workflow("failed", owner=OWNER, team=TEAM),
+        ):
             raise ValueError("boom")
         # running and in a section: threads that wait for the test to release them
         self._hold("running", section=False)
@@ -152,7 +157,9 @@ class TestPrincipal:
 
 
 class TestCanKill:
-    @pytest.mark.parametrize(("label", "principal", "may_kill"), PERSONAS, ids=[p[0] for p in PERSONAS])
+    @pytest.mark.parametrize(
+        ("label", "principal", "may_kill"), PERSONAS, ids=[p[0] for p in PERSONAS]
+    )
     @pytest.mark.parametrize("wid", WORKFLOW_IDS)
     def test_matrix_matches_the_seed(
         self, fleet: Fleet, label: str, principal: Principal, may_kill: bool, wid: str
@@ -208,7 +215,7 @@ class TestKillRefusals:
     def test_kill_refuses_and_audits(
         self, fleet: Fleet, wid: str, principal: Principal, reason: str
     ) -> None:
-        """kill() raises KillRefused carrying the decision and audits the refusal with the real actor."""
+        """kill() raises KillRefused with the decision and audits it with the real actor."""
         with pytest.raises(ts.KillRefused) as info:
             fleet.term.kill(wid, by=principal, reason="try")
         assert reason == info.value.decision.reason
@@ -219,8 +226,11 @@ class TestKillRefusals:
         refusals = [
             e
             for e in sink.events
-            if e.type == "kill_refused" and e.workflow_id == wid and e.actor is not None
-            and e.actor["id"] == principal.id and e.details["decision"] == reason
+            if e.type == "kill_refused"
+            and e.workflow_id == wid
+            and e.actor is not None
+            and e.actor["id"] == principal.id
+            and e.details["decision"] == reason
         ]
         assert refusals, f"no kill_refused event for {wid} by {principal.id}"
         if wid != "missing":
@@ -235,7 +245,7 @@ class TestKillRefusals:
 
 class TestDeferral:
     def test_kill_inside_section_is_deferred_not_refused(self) -> None:
-        """can_kill says 'in critical section' but kill() accepts and defers until the section ends."""
+        """can_kill says 'in critical section'; kill() accepts and defers to the section's end."""
         with ts.Terminator(phases=ts.Phases(5, 5), sink=ts.MemorySink()) as term:
             entered, release = threading.Event(), threading.Event()
 
