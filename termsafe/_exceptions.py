@@ -12,6 +12,11 @@ Errors (something is wrong and the caller should know)::
     ├── InvalidTransition(RuntimeError)      a state change the transition table forbids
     ├── KillRefused(PermissionError)         ``kill()`` refused: carries the ``Decision``
     ├── WaitTimeout(TimeoutError)            ``KillHandle.wait()`` ran out of time
+    ├── StoreCorrupt(RuntimeError)           the store path holds something else; untouched
+    ├── IdempotencyKeyReused(ValueError)     same key, another request
+    ├── IdempotencyConflict(RuntimeError)    the key is in flight under a live lease
+    ├── OutcomeUnknown(RuntimeError)         a run died after its side effect may have started
+    └── LeaseLost(RuntimeError)              fenced: another run took the lease over
     └── HookFailed(RuntimeError)             one or more hooks raised or timed out
 
 Control flow (not errors; derive from ``BaseException``)::
@@ -46,6 +51,11 @@ __all__ = [
     "NoActiveWorkflow",
     "Terminated",
     "TermsafeError",
+    "IdempotencyConflict",
+    "IdempotencyKeyReused",
+    "LeaseLost",
+    "OutcomeUnknown",
+    "StoreCorrupt",
     "UnknownSectionKind",
     "WaitTimeout",
     "WorkflowNotFound",
@@ -185,6 +195,118 @@ class WaitTimeout(TermsafeError, TimeoutError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.workflow_id, self.timeout))
+
+
+class StoreCorrupt(TermsafeError, RuntimeError):
+    """The store's path holds something that is not a (readable) termsafe store.
+
+    The file is never overwritten.
+
+    Attributes:
+        path: The path.
+        problem: What is wrong with it.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(self.path, problem)
+
+    def __str__(self) -> str:
+        return f"store {self.path!r} {self.problem}; it was left untouched"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.problem))
+
+
+class IdempotencyKeyReused(TermsafeError, ValueError):
+    """The idempotency key was already used with a different request.
+
+    Attributes:
+        key: The key.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(key)
+
+    def __str__(self) -> str:
+        return f"idempotency key {self.key!r} was already used with a different request"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key,))
+
+
+class IdempotencyConflict(TermsafeError, RuntimeError):
+    """Another live run holds the idempotency key right now.
+
+    Attributes:
+        key: The key.
+        pid: The holder's pid.
+        host: The holder's host.
+    """
+
+    def __init__(self, key: str, pid: int, host: str) -> None:
+        self.key = key
+        self.pid = pid
+        self.host = host
+        super().__init__(key, pid, host)
+
+    def __str__(self) -> str:
+        return f"idempotency key {self.key!r} is in flight in pid {self.pid} on {self.host!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.pid, self.host))
+
+
+class OutcomeUnknown(TermsafeError, RuntimeError):
+    """A run died after its side effect may have started: nobody knows if it happened.
+
+    termsafe never guesses. Check the external system, then settle the key
+    (``SQLiteStore.idem_resolve``), or declare that the external system
+    deduplicates by key so the call may be retried.
+
+    Attributes:
+        key: The key.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(key)
+
+    def __str__(self) -> str:
+        return (
+            f"the outcome of idempotent call {self.key!r} is unknown: its run died after "
+            "the side effect may have started"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key,))
+
+
+class LeaseLost(TermsafeError, RuntimeError):
+    """Fencing: this run's claim was taken over, so it may not record anything.
+
+    Attributes:
+        key: The key.
+        epoch: This run's epoch.
+        current_epoch: The epoch now holding the key (``None`` if it is gone).
+    """
+
+    def __init__(self, key: str, epoch: int, current_epoch: int | None) -> None:
+        self.key = key
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+        super().__init__(key, epoch, current_epoch)
+
+    def __str__(self) -> str:
+        return (
+            f"lease on {self.key!r} lost: this run holds epoch {self.epoch}, "
+            f"the key is now at epoch {self.current_epoch}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.epoch, self.current_epoch))
 
 
 class HookFailed(TermsafeError, RuntimeError):

@@ -1,0 +1,170 @@
+"""The shape every safe operation shares.
+
+    enter   register rollback/cleanup hooks with the current workflow, and
+            journal what a SIGKILL would leave behind (temp paths, child pids)
+    body    the caller's work
+    commit  short, inside a critical section of the operation's kind and
+            ``shielded()``: no kill lands between "done" and "recorded"
+    exit    on success deregister the hooks and the journal entries;
+            on error or kill roll back (the hooks, run once, LIFO)
+
+``OperationScope`` implements the bookkeeping so each operation only writes
+its own enter/commit/rollback steps. Outside a workflow it keeps the same
+guarantees for its own operation: the rollback runs on error directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._hooks import Hook, HookKind
+from ._sections import critical_section, shielded
+from ._workflow import Workflow, current_workflow
+
+if TYPE_CHECKING:
+    from ._store import JournalKind, Store
+
+__all__ = ["OperationScope", "resolve_store"]
+
+log = logging.getLogger("termsafe")
+
+
+def resolve_store(store: Store | None | bool, wf: Workflow | None) -> Store | None:
+    """The store an operation should journal to.
+
+    ``False`` disables journaling; ``None`` means the workflow's terminator's
+    store, else the process's default store under ``TERMSAFE_HOME``.
+    """
+    if store is False:
+        return None
+    if store is not None and store is not True:
+        return store
+    if wf is not None and wf.terminator.store is not None:
+        return wf.terminator.store  # type: ignore[no-any-return]
+    from ._store import open_default_store
+
+    return open_default_store()
+
+
+class OperationScope:
+    """Hooks, journal entries and audit events of one safe operation.
+
+    Args:
+        kind: The critical-section kind of the operation (``fs``, ``db``, ``git``, ``api``).
+        name: A short description for events (``atomic_file /srv/out.txt``).
+        store: See ``resolve_store``.
+    """
+
+    def __init__(self, kind: str, name: str, store: Store | None | bool = None) -> None:
+        self.kind = kind
+        self.name = name
+        self.workflow = current_workflow()
+        self.store = resolve_store(store, self.workflow)
+        self._hooks: list[Hook] = []
+        self._journal: list[int] = []
+        self._local_rollbacks: list[Callable[[], Any]] = []
+
+    # -- enter ---------------------------------------------------------------
+
+    def on_rollback(self, fn: Callable[[], Any]) -> None:
+        """Register ``fn`` to undo the operation if it does not commit."""
+        self._register(fn, "rollback")
+
+    def on_cleanup(self, fn: Callable[[], Any]) -> None:
+        """Register ``fn`` to run however the operation ends."""
+        self._register(fn, "cleanup")
+
+    def _register(self, fn: Callable[[], Any], kind: HookKind) -> None:
+        wf = self.workflow
+        if wf is not None:
+            self._hooks.append(wf.hooks.push(fn, kind))
+        else:
+            self._local_rollbacks.append(fn)
+
+    def journal(self, kind: JournalKind, payload: dict[str, Any]) -> int | None:
+        """Journal something a crash would leave behind; return the entry id."""
+        if self.store is None:
+            return None
+        wid = self.workflow.id if self.workflow is not None else None
+        entry = self.store.journal_add(kind, payload, wid)
+        self._journal.append(entry)
+        return entry
+
+    def unjournal(self, entry: int | None) -> None:
+        """Forget one journal entry (the thing it names is gone or committed)."""
+        if entry is None or self.store is None:
+            return
+        with contextlib.suppress(ValueError):
+            self._journal.remove(entry)
+        self.store.journal_remove(entry)
+
+    # -- commit --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """The commit step: a critical section of the operation's kind, shielded."""
+        if self.workflow is None:
+            yield
+            return
+        with critical_section(self.kind), shielded():
+            yield
+
+    # -- exit ----------------------------------------------------------------
+
+    def succeeded(self) -> None:
+        """The operation committed: take its hooks and journal entries back."""
+        wf = self.workflow
+        if wf is not None:
+            for hook in reversed(self._hooks):
+                wf.hooks.remove(hook)
+        self._hooks.clear()
+        self._local_rollbacks.clear()
+        for entry in list(self._journal):
+            self.unjournal(entry)
+
+    def failed(self) -> None:
+        """The operation did not commit.
+
+        Inside a workflow the rollback hooks stay on its stack: they run (once,
+        LIFO with everything else) as the workflow unwinds, or are run by the
+        terminator if the thread never comes back. Outside a workflow they run
+        here, now, newest first.
+        """
+        rollbacks, self._local_rollbacks = self._local_rollbacks, []
+        for fn in reversed(rollbacks):
+            try:
+                fn()
+            except Exception:
+                log.exception("termsafe: rollback of %s failed", self.name)
+
+    def rollback_now(self) -> None:
+        """Run this operation's own hooks now (once), newest first, and take them off the stack.
+
+        For operations that must restore state before the exception propagates
+        (a failed ``atomic_file`` removes its temp at once, even inside a
+        workflow that goes on running).
+        """
+        wf = self.workflow
+        if wf is None:
+            self.failed()
+            return
+        for hook in reversed(self._hooks):
+            if wf.hooks.remove(hook):
+                try:
+                    hook.fn()
+                except Exception:
+                    log.exception("termsafe: rollback of %s failed", self.name)
+        self._hooks.clear()
+
+    def emit(self, type_: str, details: dict[str, Any]) -> None:
+        """An audit event on the workflow's terminator (or the default one)."""
+        wf = self.workflow
+        if wf is not None:
+            wf.terminator._emit(type_, wf, details={"operation": self.name, **details})
+        else:
+            from ._terminator import get_terminator
+
+            get_terminator()._emit(type_, None, details={"operation": self.name, **details})

@@ -1,0 +1,825 @@
+"""The durable store: checkpoints, idempotency records, compensations, runs and
+the crash-cleanup journal.
+
+``Store`` is the interface; ``SQLiteStore`` the default implementation (SQLite
+in WAL mode under ``TERMSAFE_HOME``, default ``./.termsafe``). Nothing outside
+this module writes SQL, so another backend (PostgreSQL for many hosts) can be
+added without touching callers.
+
+Durability: writes that record a fact the outside world depends on (an
+idempotency result, a checkpoint, a run's final state) commit with
+``synchronous=FULL``. Journal entries (temp files and child pids a crash
+would leave behind) commit with ``synchronous=NORMAL``: in WAL mode they
+survive the process being SIGKILLed, which is the crash they exist for, and
+they do not add an fsync to every atomic write.
+
+Schema changes are numbered migrations, each applied in one transaction
+together with the version bump, so a crash mid-migration leaves the old
+schema intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol, runtime_checkable
+
+import attrs
+
+from ._exceptions import (
+    ConfigurationError,
+    IdempotencyConflict,
+    IdempotencyKeyReused,
+    InvalidArgumentType,
+    LeaseLost,
+    OutcomeUnknown,
+    StoreCorrupt,
+)
+from ._procs import Identity, current_identity, identity_alive
+
+__all__ = [
+    "APPLICATION_ID",
+    "Claim",
+    "Compensation",
+    "JournalEntry",
+    "Run",
+    "SQLiteStore",
+    "Store",
+    "default_home",
+    "open_default_store",
+]
+
+#: ``PRAGMA application_id`` of a termsafe store ("TSAF"): tells our file from a foreign one.
+APPLICATION_ID: Final = 0x54534146
+MAX_KEY_LENGTH: Final = 255
+SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+
+JournalKind = Literal["temp_file", "temp_dir", "child_process", "git_lock", "lock"]
+JOURNAL_KINDS: Final = ("child_process", "git_lock", "lock", "temp_dir", "temp_file")
+
+
+def default_home() -> Path:
+    """``$TERMSAFE_HOME``, or ``./.termsafe``."""
+    return Path(os.environ.get("TERMSAFE_HOME") or ".termsafe")
+
+
+@attrs.frozen
+class JournalEntry:
+    """Something a crash would leave behind, recorded before it exists.
+
+    Attributes:
+        id: The entry's id.
+        kind: ``temp_file``, ``temp_dir``, ``child_process``, ``git_lock`` or ``lock``.
+        payload: What recovery needs (a path; a pid and its start time; ...).
+        owner: The process that made the entry.
+        workflow_id: The workflow it belongs to, if any.
+        created_at: Wall-clock time of the entry.
+    """
+
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    owner: Identity
+    workflow_id: str | None
+    created_at: float
+
+
+@attrs.frozen
+class Claim:
+    """The outcome of claiming an idempotency key.
+
+    Attributes:
+        key: The key.
+        replay: ``True`` when the call already succeeded: ``result`` is its result.
+        result: The recorded result (replays only).
+        epoch: The fencing epoch of this claim (first runs and retries).
+        retried: ``True`` when this claim took over from a run that died.
+    """
+
+    key: str
+    replay: bool
+    result: Any
+    epoch: int
+    retried: bool = False
+
+
+@attrs.frozen
+class Compensation:
+    """A compensating action recorded for an idempotent call.
+
+    Attributes:
+        id: The compensation's id.
+        key: The idempotency key it compensates.
+        name: A name for the action (the callable's name).
+        payload: JSON data the action needs.
+        status: ``pending``, ``running``, ``done`` or ``failed``.
+    """
+
+    id: int
+    key: str
+    name: str
+    payload: Any
+    status: str
+
+
+@attrs.frozen
+class Run:
+    """A workflow run registered across processes.
+
+    Attributes:
+        run_id: Unique id of this run.
+        workflow_id: The workflow's id.
+        owner: The owner's principal id.
+        team: The team.
+        state: The last recorded state.
+        process: The process hosting the run.
+        started_at: Wall-clock start.
+        ended_at: Wall-clock end, if it ended.
+        info: Extra JSON data (control socket path, command, ...).
+    """
+
+    run_id: str
+    workflow_id: str
+    owner: str | None
+    team: str | None
+    state: str
+    process: Identity
+    started_at: float
+    ended_at: float | None
+    info: dict[str, Any]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What termsafe needs from a durable store. Every method is thread-safe."""
+
+    def save_checkpoint(self, workflow_id: str, state: Any) -> None:
+        """Record ``state`` (JSON data) as the workflow's last checkpoint."""
+
+    def load_checkpoint(self, workflow_id: str) -> Any:
+        """The workflow's last checkpoint, or ``None``."""
+
+    def journal_add(
+        self, kind: JournalKind, payload: dict[str, Any], workflow_id: str | None = None
+    ) -> int:
+        """Record something a crash would leave behind; return the entry id."""
+
+    def journal_remove(self, entry_id: int) -> None:
+        """Forget an entry (it was cleaned up or committed)."""
+
+    def journal_entries(self, kind: str | None = None) -> list[JournalEntry]:
+        """Every journal entry (of ``kind``), oldest first."""
+
+    def idem_claim(
+        self, key: str, fingerprint: str, *, lease_seconds: float, retry_unknown: bool
+    ) -> Claim:
+        """Claim ``key`` for a first run, or return its recorded result."""
+
+    def idem_mark_sent(self, key: str, epoch: int) -> None:
+        """Record that the side effect may have started (point of no return)."""
+
+    def idem_record(self, key: str, epoch: int, result: Any) -> None:
+        """Record the result of the call; fenced by ``epoch``."""
+
+    def idem_release(self, key: str, epoch: int, *, unknown: bool) -> None:
+        """Give up a claim: retryable, or (``unknown``) outcome unknown."""
+
+    def close(self) -> None:
+        """Close the store's connections."""
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise InvalidArgumentType(f"idempotency key must be a str (got {key!r})")
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ConfigurationError(
+            f"idempotency key must have 1 to {MAX_KEY_LENGTH} characters "
+            f"(got {len(key)}: {key[:40]!r}{'...' if len(key) > 40 else ''})"
+        )
+    return key
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
+
+
+# Numbered migrations; index i upgrades user_version i -> i+1.
+MIGRATIONS: Final[Sequence[str]] = (
+    """
+    CREATE TABLE checkpoints (
+        workflow_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        saved_at REAL NOT NULL
+    );
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        workflow_id TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX journal_kind ON journal(kind);
+    CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('in_flight', 'done', 'released', 'unknown')),
+        result TEXT,
+        epoch INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        lease_expires REAL NOT NULL,
+        sent INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX idempotency_updated ON idempotency(updated_at);
+    CREATE TABLE compensations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL,
+        name TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX compensations_key ON compensations(key);
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        workflow_id TEXT NOT NULL,
+        owner TEXT,
+        team TEXT,
+        state TEXT NOT NULL,
+        process TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        info TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX runs_workflow ON runs(workflow_id);
+    """,
+)
+
+
+class SQLiteStore:
+    """The default ``Store``: one SQLite file in WAL mode.
+
+    Safe to share between threads (one connection per thread) and processes
+    (SQLite's locking; ``BEGIN IMMEDIATE`` for every read-modify-write), and
+    across ``fork`` (a child opens its own connections).
+
+    Args:
+        path: The database file; default ``$TERMSAFE_HOME/store.sqlite3``.
+            Its folder is created (mode 0o700) if missing.
+        busy_timeout: Seconds to wait for another process's write lock.
+
+    Raises:
+        InvalidArgumentType: ``path`` is not a path.
+        StoreCorrupt: the file exists and is not a termsafe store (not SQLite,
+            corrupt, or another application's database); it is left untouched.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, busy_timeout: float = 30.0
+    ) -> None:
+        if path is None:
+            path = default_home() / "store.sqlite3"
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgumentType(f"store path must be a path (got {path!r})")
+        self.path = Path(path)
+        self._busy_ms = int(busy_timeout * 1000)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._closed = False
+        self._check_file()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._migrate()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {str(self.path)!r}>"
+
+    # -- connections --------------------------------------------------------------
+
+    def _check_file(self) -> None:
+        try:
+            with self.path.open("rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            raise StoreCorrupt(self.path, "is a directory") from None
+        except OSError as exc:
+            raise StoreCorrupt(self.path, f"cannot be read: {exc}") from None
+        if head and head != SQLITE_MAGIC:
+            raise StoreCorrupt(self.path, "is not an SQLite database")
+
+    def _conn(self, durable: bool = True) -> sqlite3.Connection:
+        local = self._local
+        pid = os.getpid()
+        if getattr(local, "pid", None) != pid:
+            # New thread, or a forked child: never reuse a parent's connection.
+            local.pid = pid
+            local.conns = {}
+        conns: dict[bool, sqlite3.Connection] = local.conns
+        conn = conns.get(durable)
+        if conn is None:
+            if self._closed:
+                raise ConfigurationError(f"store {str(self.path)!r} is closed")
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                conn.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise StoreCorrupt(self.path, f"cannot be opened: {exc}") from None
+            conns[durable] = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE): commits, or rolls back on any exception."""
+        conn = self._conn(durable)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(self.path, f"cannot be read: {exc}") from None
+        if app_id != APPLICATION_ID and (app_id != 0 or tables):
+            raise StoreCorrupt(self.path, "belongs to another application")
+        if version > len(MIGRATIONS):
+            raise StoreCorrupt(
+                self.path,
+                f"has schema version {version}, newer than this termsafe ({len(MIGRATIONS)})",
+            )
+        while version < len(MIGRATIONS):
+            with self._tx() as tx:
+                # Re-read under the write lock: another process may have migrated.
+                version = tx.execute("PRAGMA user_version").fetchone()[0]
+                if version >= len(MIGRATIONS):
+                    break
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        tx.execute(statement)
+                tx.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                tx.execute(f"PRAGMA user_version = {version + 1}")
+            version += 1
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the file."""
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``'s answer (``"ok"`` when healthy)."""
+        return str(self._conn().execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        """Close every connection this store opened (in any thread)."""
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def save_checkpoint(self, workflow_id: str, state: Any) -> None:
+        """Record ``state`` as ``workflow_id``'s last checkpoint (durably).
+
+        Raises:
+            InvalidArgumentType: ``state`` is not JSON data.
+        """
+        data = _dumps(state, "checkpoint state")
+        with self._tx() as tx:
+            tx.execute(
+                "INSERT INTO checkpoints(workflow_id, state, saved_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(workflow_id) DO UPDATE SET state = excluded.state, "
+                "saved_at = excluded.saved_at",
+                (workflow_id, data, time.time()),
+            )
+
+    def load_checkpoint(self, workflow_id: str) -> Any:
+        """The last checkpoint of ``workflow_id``, or ``None``."""
+        row = (
+            self._conn()
+            .execute("SELECT state FROM checkpoints WHERE workflow_id = ?", (workflow_id,))
+            .fetchone()
+        )
+        return None if row is None else json.loads(row[0])
+
+    def clear_checkpoint(self, workflow_id: str) -> None:
+        """Forget ``workflow_id``'s checkpoint (the workflow completed)."""
+        with self._tx() as tx:
+            tx.execute("DELETE FROM checkpoints WHERE workflow_id = ?", (workflow_id,))
+
+    # -- journal ------------------------------------------------------------------
+
+    def journal_add(
+        self, kind: JournalKind, payload: dict[str, Any], workflow_id: str | None = None
+    ) -> int:
+        """Record something a crash would leave behind; return its id.
+
+        Raises:
+            ConfigurationError: ``kind`` is unknown.
+            InvalidArgumentType: ``payload`` is not JSON data.
+        """
+        if kind not in JOURNAL_KINDS:
+            raise ConfigurationError(
+                f"unknown journal kind {kind!r} (known: {', '.join(JOURNAL_KINDS)})"
+            )
+        data = _dumps(payload, "journal payload")
+        owner = json.dumps(current_identity().as_dict())
+        with self._tx(durable=False) as tx:
+            cur = tx.execute(
+                "INSERT INTO journal(kind, payload, owner, workflow_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (kind, data, owner, workflow_id, time.time()),
+            )
+            entry_id = cur.lastrowid
+        assert entry_id is not None
+        return entry_id
+
+    def journal_remove(self, entry_id: int) -> None:
+        """Forget a journal entry (cleaned up, or committed)."""
+        self._conn(durable=False).execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+
+    def journal_entries(self, kind: str | None = None) -> list[JournalEntry]:
+        """Every journal entry (of ``kind``), oldest first."""
+        sql = "SELECT id, kind, payload, owner, workflow_id, created_at FROM journal"
+        args: tuple[Any, ...] = ()
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            args = (kind,)
+        rows = self._conn(durable=False).execute(sql + " ORDER BY id", args).fetchall()
+        return [
+            JournalEntry(
+                r[0], r[1], json.loads(r[2]), Identity.from_dict(json.loads(r[3])), r[4], r[5]
+            )
+            for r in rows
+        ]
+
+    # -- idempotency ----------------------------------------------------------------
+
+    def idem_claim(
+        self, key: str, fingerprint: str, *, lease_seconds: float, retry_unknown: bool
+    ) -> Claim:
+        """Claim ``key`` for a first run, or return its recorded result.
+
+        Stripe semantics: a key that succeeded replays its result; the same key
+        with another request is an error; a key held by a live run is a
+        conflict; a key whose run died after the side effect may have started
+        has an unknown outcome, which is reported, never guessed, unless
+        ``retry_unknown`` (the external system deduplicates by key).
+
+        Raises:
+            IdempotencyKeyReused: the key was used with another fingerprint.
+            IdempotencyConflict: a live run holds the key.
+            OutcomeUnknown: a run died after the side effect may have started.
+            ConfigurationError: the key is empty or longer than 255 characters.
+        """
+        _check_key(key)
+        now = time.time()
+        me = json.dumps(current_identity().as_dict())
+        with self._tx() as tx:
+            row = tx.execute(
+                "SELECT fingerprint, status, result, epoch, owner, lease_expires, sent "
+                "FROM idempotency WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                tx.execute(
+                    "INSERT INTO idempotency(key, fingerprint, status, epoch, owner, "
+                    "lease_expires, created_at, updated_at) VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?)",
+                    (key, fingerprint, me, now + lease_seconds, now, now),
+                )
+                return Claim(key, False, None, 1)
+            stored_fp, status, result, epoch, owner, lease_expires, sent = row
+            if stored_fp != fingerprint:
+                raise IdempotencyKeyReused(key)
+            if status == "done":
+                return Claim(key, True, json.loads(result), epoch)
+            if status == "in_flight":
+                holder = Identity.from_dict(json.loads(owner))
+                if lease_expires > now and identity_alive(holder):
+                    raise IdempotencyConflict(key, holder.pid, holder.host)
+                if sent and not retry_unknown:
+                    # The holder died (or its lease ran out) after the side
+                    # effect may have started: nobody can know what happened.
+                    tx.execute(
+                        "UPDATE idempotency SET status = 'unknown', updated_at = ? WHERE key = ?",
+                        (now, key),
+                    )
+                    status = "unknown"
+            if status == "unknown" and not retry_unknown:
+                # Raised after the transaction, so the 'unknown' status is committed.
+                unknown = True
+            else:
+                unknown = False
+                tx.execute(
+                    "UPDATE idempotency SET status = 'in_flight', epoch = ?, owner = ?, "
+                    "lease_expires = ?, sent = 0, updated_at = ? WHERE key = ?",
+                    (epoch + 1, me, now + lease_seconds, now, key),
+                )
+        if unknown:
+            raise OutcomeUnknown(key)
+        return Claim(key, False, None, epoch + 1, retried=True)
+
+    def _fenced(
+        self, tx: sqlite3.Connection, sql: str, args: tuple[Any, ...], key: str, epoch: int
+    ) -> None:
+        cur = tx.execute(sql, args)
+        if cur.rowcount != 1:
+            row = tx.execute(
+                "SELECT epoch, status FROM idempotency WHERE key = ?", (key,)
+            ).fetchone()
+            raise LeaseLost(key, epoch, None if row is None else int(row[0]))
+
+    def idem_mark_sent(self, key: str, epoch: int) -> None:
+        """Record durably that the side effect may have started.
+
+        Raises:
+            LeaseLost: another run took the key over (fencing).
+        """
+        with self._tx() as tx:
+            self._fenced(
+                tx,
+                "UPDATE idempotency SET sent = 1, updated_at = ? "
+                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+                (time.time(), key, epoch),
+                key,
+                epoch,
+            )
+
+    def idem_renew(self, key: str, epoch: int, lease_seconds: float) -> None:
+        """Extend the lease of a claim still held.
+
+        Raises:
+            LeaseLost: another run took the key over (fencing).
+        """
+        now = time.time()
+        with self._tx() as tx:
+            self._fenced(
+                tx,
+                "UPDATE idempotency SET lease_expires = ?, updated_at = ? "
+                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+                (now + lease_seconds, now, key, epoch),
+                key,
+                epoch,
+            )
+
+    def idem_record(self, key: str, epoch: int, result: Any) -> None:
+        """Record the call's result (durably); later claims replay it.
+
+        Raises:
+            InvalidArgumentType: ``result`` is not JSON data.
+            LeaseLost: another run took the key over (fencing): nothing recorded.
+        """
+        data = _dumps(result, "idempotent call result")
+        with self._tx() as tx:
+            self._fenced(
+                tx,
+                "UPDATE idempotency SET status = 'done', result = ?, updated_at = ? "
+                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+                (data, time.time(), key, epoch),
+                key,
+                epoch,
+            )
+
+    def idem_release(self, key: str, epoch: int, *, unknown: bool) -> None:
+        """Give up a claim: ``released`` (safe to retry) or ``unknown``.
+
+        Raises:
+            LeaseLost: another run took the key over (fencing).
+        """
+        with self._tx() as tx:
+            self._fenced(
+                tx,
+                "UPDATE idempotency SET status = ?, updated_at = ? "
+                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+                ("unknown" if unknown else "released", time.time(), key, epoch),
+                key,
+                epoch,
+            )
+
+    def idem_resolve(self, key: str, result: Any | None, *, succeeded: bool) -> None:
+        """An operator settles an ``unknown`` key: recorded as done, or released for retry.
+
+        Raises:
+            InvalidArgumentType: ``result`` is not JSON data.
+            ConfigurationError: the key is not in the ``unknown`` state.
+        """
+        data = _dumps(result, "idempotent call result")
+        with self._tx() as tx:
+            cur = tx.execute(
+                "UPDATE idempotency SET status = ?, result = ?, updated_at = ? "
+                "WHERE key = ? AND status = 'unknown'",
+                ("done" if succeeded else "released", data, time.time(), key),
+            )
+            if cur.rowcount != 1:
+                raise ConfigurationError(f"idempotency key {key!r} is not in the 'unknown' state")
+
+    def idem_status(self, key: str) -> str | None:
+        """The key's status (``in_flight``, ``done``, ``released``, ``unknown``) or ``None``."""
+        row = (
+            self._conn().execute("SELECT status FROM idempotency WHERE key = ?", (key,)).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def idem_prune(self, older_than: float) -> int:
+        """Delete settled keys (done/released) untouched for ``older_than`` seconds.
+
+        Returns:
+            How many keys were deleted.
+        """
+        cutoff = time.time() - older_than
+        with self._tx() as tx:
+            cur = tx.execute(
+                "DELETE FROM idempotency WHERE status IN ('done', 'released') AND updated_at < ?",
+                (cutoff,),
+            )
+            tx.execute(
+                "DELETE FROM compensations WHERE status IN ('done', 'failed') AND updated_at < ?",
+                (cutoff,),
+            )
+            return cur.rowcount
+
+    # -- compensations --------------------------------------------------------------
+
+    def comp_add(self, key: str, epoch: int, name: str, payload: Any) -> int:
+        """Record a compensation for ``key``; fenced by the claim's ``epoch``.
+
+        Raises:
+            InvalidArgumentType: ``payload`` is not JSON data.
+            LeaseLost: another run took the key over (fencing).
+        """
+        data = _dumps(payload, "compensation payload")
+        now = time.time()
+        with self._tx() as tx:
+            row = tx.execute("SELECT epoch FROM idempotency WHERE key = ?", (key,)).fetchone()
+            if row is None or int(row[0]) != epoch:
+                raise LeaseLost(key, epoch, None if row is None else int(row[0]))
+            cur = tx.execute(
+                "INSERT INTO compensations(key, name, payload, status, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)",
+                (key, name, data, now, now),
+            )
+            comp_id = cur.lastrowid
+        assert comp_id is not None
+        return comp_id
+
+    def comp_claim(self, comp_id: int) -> bool:
+        """Take a pending compensation to run it; ``False`` if it ran (or runs) elsewhere."""
+        with self._tx() as tx:
+            cur = tx.execute(
+                "UPDATE compensations SET status = 'running', updated_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (time.time(), comp_id),
+            )
+            return cur.rowcount == 1
+
+    def comp_finish(self, comp_id: int, *, ok: bool) -> None:
+        """Record a claimed compensation's outcome."""
+        with self._tx() as tx:
+            tx.execute(
+                "UPDATE compensations SET status = ?, updated_at = ? WHERE id = ?",
+                ("done" if ok else "failed", time.time(), comp_id),
+            )
+
+    def comp_list(self, key: str | None = None) -> list[Compensation]:
+        """Compensations (for ``key``), in the order they were recorded."""
+        sql = "SELECT id, key, name, payload, status FROM compensations"
+        args: tuple[Any, ...] = ()
+        if key is not None:
+            sql += " WHERE key = ?"
+            args = (key,)
+        rows = self._conn().execute(sql + " ORDER BY id", args).fetchall()
+        return [Compensation(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+    # -- runs -----------------------------------------------------------------------
+
+    def run_register(
+        self,
+        run_id: str,
+        workflow_id: str,
+        *,
+        owner: str | None,
+        team: str | None,
+        state: str,
+        process: Identity | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a run as live in a process (default: this one).
+
+        Raises:
+            InvalidArgumentType: ``info`` is not JSON data.
+        """
+        proc = process if process is not None else current_identity()
+        with self._tx() as tx:
+            tx.execute(
+                "INSERT INTO runs(run_id, workflow_id, owner, team, state, process, started_at, info) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    workflow_id,
+                    owner,
+                    team,
+                    state,
+                    json.dumps(proc.as_dict()),
+                    time.time(),
+                    _dumps(info or {}, "run info"),
+                ),
+            )
+
+    def run_set_state(self, run_id: str, state: str, *, final: bool = False) -> bool:
+        """Record a run's state; a run already in a final state is never changed.
+
+        Returns:
+            Whether the state was recorded (``False``: the run had ended already).
+        """
+        terminal = ("completed", "failed", "terminated", "killed")
+        with self._tx() as tx:
+            cur = tx.execute(
+                "UPDATE runs SET state = ?, ended_at = CASE WHEN ? THEN ? ELSE ended_at END "
+                "WHERE run_id = ? AND state NOT IN (?, ?, ?, ?)",
+                (state, final, time.time(), run_id, *terminal),
+            )
+            return cur.rowcount == 1
+
+    def runs(self, *, live_only: bool = False) -> list[Run]:
+        """Registered runs, oldest first (``live_only``: not yet in a final state)."""
+        sql = (
+            "SELECT run_id, workflow_id, owner, team, state, process, started_at, ended_at, info "
+            "FROM runs"
+        )
+        if live_only:
+            sql += " WHERE state NOT IN ('completed', 'failed', 'terminated', 'killed')"
+        rows = self._conn().execute(sql + " ORDER BY started_at, run_id").fetchall()
+        return [
+            Run(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                Identity.from_dict(json.loads(r[5])),
+                r[6],
+                r[7],
+                json.loads(r[8]),
+            )
+            for r in rows
+        ]
+
+
+_default_store: SQLiteStore | None = None
+_default_lock = threading.Lock()
+
+
+def open_default_store() -> SQLiteStore:
+    """The process's store at ``$TERMSAFE_HOME/store.sqlite3`` (opened on first use).
+
+    Raises:
+        StoreCorrupt: the file there is not a termsafe store.
+    """
+    global _default_store
+    with _default_lock:
+        store = _default_store
+        if store is None or store._closed or store.path != default_home() / "store.sqlite3":
+            store = _default_store = SQLiteStore()
+        return store
