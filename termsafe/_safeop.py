@@ -32,7 +32,7 @@ __all__ = ["OperationScope", "resolve_store"]
 log = logging.getLogger("termsafe")
 
 
-def resolve_store(store: Store | None | bool, wf: Workflow | None) -> Store | None:
+def resolve_store(store: Store | bool | None, wf: Workflow | None) -> Store | None:
     """The store an operation should journal to.
 
     ``False`` disables journaling; ``None`` means the workflow's terminator's
@@ -58,7 +58,7 @@ class OperationScope:
         store: See ``resolve_store``.
     """
 
-    def __init__(self, kind: str, name: str, store: Store | None | bool = None) -> None:
+    def __init__(self, kind: str, name: str, store: Store | bool | None = None) -> None:
         self.kind = kind
         self.name = name
         self.workflow = current_workflow()

@@ -220,7 +220,9 @@ class CriticalSection:
             return swallowed
         if swallowed and self.expired:
             # Our own shield scope was cancelled because the grace ran out.
-            wf.close_section(self, None)
+            # Passing the exception keeps close_section from raising a plain
+            # Terminated first: the cut is a ForcedTermination.
+            wf.close_section(self, exc)
             raise ForcedTermination(wf.id, wf.kill_reason)
         wf.close_section(self, None if swallowed else exc)
         return swallowed

@@ -526,7 +526,8 @@ class SQLiteStore:
             if row is None:
                 tx.execute(
                     "INSERT INTO idempotency(key, fingerprint, status, epoch, owner, "
-                    "lease_expires, created_at, updated_at) VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?)",
+                    "lease_expires, created_at, updated_at) "
+                    "VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?)",
                     (key, fingerprint, me, now + lease_seconds, now, now),
                 )
                 return Claim(key, False, None, 1)
@@ -753,7 +754,8 @@ class SQLiteStore:
         proc = process if process is not None else current_identity()
         with self._tx() as tx:
             tx.execute(
-                "INSERT INTO runs(run_id, workflow_id, owner, team, state, process, started_at, info) "
+                "INSERT INTO runs(run_id, workflow_id, owner, team, state, process, "
+                "started_at, info) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
