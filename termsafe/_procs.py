@@ -16,7 +16,15 @@ from typing import Any
 import attrs
 import psutil
 
-__all__ = ["Identity", "current_identity", "identity_alive", "process_start_time"]
+__all__ = [
+    "Identity",
+    "TreeKill",
+    "current_identity",
+    "identity_alive",
+    "kill_tree",
+    "process_start_time",
+    "snapshot_tree",
+]
 
 # psutil rounds create_time to the clock tick; two reads of the same process
 # agree exactly, but allow for float noise when comparing stored values.
@@ -94,3 +102,129 @@ def identity_alive(ident: Identity) -> bool:
     except psutil.AccessDenied:
         return True
     return bool(abs(start - ident.start_time) <= _START_TOLERANCE)
+
+
+# -- child process trees ---------------------------------------------------------
+
+
+@attrs.frozen
+class TreeKill:
+    """What ``kill_tree`` did.
+
+    Attributes:
+        signalled: Pids sent the first signal.
+        killed: Pids that needed SIGKILL after the grace.
+        survivors: Pids still alive at the end (orphans: report them).
+    """
+
+    signalled: tuple[int, ...]
+    killed: tuple[int, ...]
+    survivors: tuple[int, ...]
+
+
+def _matches(proc: psutil.Process, start_time: float | None) -> bool:
+    if start_time is None:
+        return True
+    try:
+        return bool(abs(proc.create_time() - start_time) <= _START_TOLERANCE)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+def snapshot_tree(pid: int, start_time: float | None = None) -> list[psutil.Process]:
+    """The process ``pid`` (if it is still the one that started at ``start_time``)
+    and every descendant, including members of its session when it leads one
+    (which finds grandchildren reparented after their parent died).
+
+    ``psutil.Process`` objects carry their start time, so signalling them later
+    never hits a reused pid.
+    """
+    try:
+        root = psutil.Process(pid)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+    if not _matches(root, start_time):
+        return []
+    found: dict[int, psutil.Process] = {root.pid: root}
+    try:
+        for child in root.children(recursive=True):
+            found.setdefault(child.pid, child)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass
+    try:
+        leads_session = os.getsid(pid) == pid
+    except OSError:
+        leads_session = False
+    if leads_session:
+        # Only a session the root leads: never the caller's own session.
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid not in found and os.getsid(proc.pid) == pid:
+                    found[proc.pid] = proc
+            except (OSError, psutil.Error):
+                continue
+    return list(found.values())
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def kill_tree(
+    pid: int,
+    start_time: float | None = None,
+    *,
+    timeout: float = 5.0,
+    force: bool = False,
+) -> TreeKill:
+    """Stop a process and all its descendants.
+
+    Snapshots the tree, sends SIGTERM (SIGKILL with ``force``), waits up to
+    ``timeout`` seconds, SIGKILLs what is left, then snapshots again for
+    processes forked meanwhile and SIGKILLs those. PID reuse is guarded by
+    start times.
+
+    Args:
+        pid: The root of the tree.
+        start_time: The root's start time (``None``: trust the pid).
+        timeout: Seconds to wait after the first signal.
+        force: Skip SIGTERM and SIGKILL at once.
+
+    Returns:
+        A ``TreeKill``; its ``survivors`` are orphans to report.
+    """
+    import signal
+
+    first = signal.SIGKILL if force else signal.SIGTERM
+    procs = snapshot_tree(pid, start_time)
+    signalled: list[int] = []
+    for proc in procs:
+        try:
+            proc.send_signal(first)
+            signalled.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    killed: list[int] = []
+    for _round in range(3):
+        # Anything still alive, plus anything the tree forked since the snapshot.
+        extra = [p for p in snapshot_tree(pid, start_time) if p.pid not in {q.pid for q in alive}]
+        targets = _alive(list(alive) + extra)
+        if not targets:
+            break
+        for proc in targets:
+            try:
+                proc.kill()
+                killed.append(proc.pid)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+        _, alive = psutil.wait_procs(targets, timeout=max(1.0, timeout / 2))
+    survivors = tuple(p.pid for p in _alive(list(alive)))
+    return TreeKill(tuple(signalled), tuple(dict.fromkeys(killed)), survivors)

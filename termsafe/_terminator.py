@@ -54,7 +54,7 @@ from ._permissions import Decision, KillPolicy, Principal
 from ._sections import CriticalSection, SectionKinds, validate_seconds
 from ._states import WorkflowState, is_terminal
 from ._timer import DeadlineTimer
-from ._workflow import Workflow, WorkflowContext
+from ._workflow import Probe, Workflow, WorkflowContext
 
 if TYPE_CHECKING:
     from ._audit import AuditEvent, AuditSink
@@ -287,6 +287,7 @@ class Terminator:
         self._forced_actions: list[Callable[[Workflow], object]] = []
         self._cleanup_jobs: list[Callable[[Workflow], object]] = []
         self._orphans: list[Workflow] = []
+        self._orphan_procs: list[Any] = []
         self._timer = DeadlineTimer()
         self._recorder = Recorder(metrics_hook)
         self._pipe = EventPipe(sink, self._delivered, self._sink_failed)
@@ -296,6 +297,7 @@ class Terminator:
         self._dependents: dict[str, set[str]] = {}
         self._dependency_listeners: list[Callable[[Workflow, str, WorkflowState], object]] = []
         self._request_policy: RequestPolicy | None = None
+        self._probe: Probe | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -595,6 +597,11 @@ class Terminator:
                 else:
                     escalate = force and request.phase == "graceful"
             sections = [(s.kind, self._grace_of(s)) for s in wf.sections] if fresh else []
+            if fresh:
+                # Emitted under the workflow's lock (emit only queues): once the
+                # lock is released the workflow may finish at once, and its
+                # "workflow_finished" must not precede the request in the trail.
+                self._emit_fresh_kill(wf, by, reason, force, request, sections)
         if finished:
             self._refuse(wf.id, by, reason, perms.FINISHED)
         assert request is not None
@@ -613,6 +620,22 @@ class Terminator:
                 self._phase_forced(wf, request, escalated=True)
             return request.handle
         self._recorder.kill_requested(True)
+        wf.cancel_scope_soon()
+        self._schedule(wf, request, now, sections)
+        for child in wf.children():
+            self._start_kill(child, by, f"parent workflow {wf.id!r} killed: {reason}", force)
+        return request.handle
+
+    def _emit_fresh_kill(
+        self,
+        wf: Workflow,
+        by: Principal,
+        reason: str,
+        force: bool,
+        request: KillRequest,
+        sections: list[tuple[str, float]],
+    ) -> None:
+        actor = by.as_dict()
         self._pipe.emit(
             "kill_requested",
             wf.id,
@@ -633,11 +656,6 @@ class Terminator:
                     "grace_deadline_in": round(max(g for _, g in sections), 3),
                 },
             )
-        wf.cancel_scope_soon()
-        self._schedule(wf, request, now, sections)
-        for child in wf.children():
-            self._start_kill(child, by, f"parent workflow {wf.id!r} killed: {reason}", force)
-        return request.handle
 
     def _grace_of(self, section: CriticalSection) -> float:
         try:
@@ -682,14 +700,15 @@ class Terminator:
                 if system_at < request.system_at:
                     request.system_at = system_at
                     self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
-        self._pipe.emit(
-            "phase_changed",
-            wf.id,
-            None,
-            request.reason,
-            wf.state.value,
-            {"phase": "forced", "escalated": escalated},
-        )
+            # Under the lock, so the trail never shows it after "workflow_finished".
+            self._pipe.emit(
+                "phase_changed",
+                wf.id,
+                None,
+                request.reason,
+                wf.state.value,
+                {"phase": "forced", "escalated": escalated},
+            )
         wf.cancel_scope_soon()
         self._forced_actions_run(wf, request)
 
@@ -816,6 +835,7 @@ class Terminator:
         with self._lock:
             if workflow_id in self._live:
                 raise DuplicateWorkflow(workflow_id)
+            wf.probe = self._probe
             self._live[workflow_id] = wf
             self._finished.pop(workflow_id, None)
             for dep in depends_on:
@@ -1046,6 +1066,10 @@ class Terminator:
         """A hook the workflow is running overran hook_timeout: run the rest without it."""
         if not stack.abandon_if_running(hook):
             return
+        with wf.lock:
+            # From now on the terminator owns the hooks: the workflow's thread,
+            # when the hung hook returns, must not claim more beside take_over.
+            wf.abandoned = True
         self._hook_timed_out(wf, hook)
 
         def take_over() -> None:
@@ -1085,17 +1109,42 @@ class Terminator:
         self._recorder.cleanup_finished(seconds)
         self._alert(self._alerts.cleanup_time(seconds))
 
-    def _observe_orphan(self, kind: str) -> None:
+    def _observe_orphan(self, kind: str, pids: Iterable[int] = ()) -> None:
+        """Count an orphan (a thread, or the process ``pids``) and re-evaluate the alert."""
+        import psutil
+
+        procs = []
+        for pid in pids:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                continue
+        with self._lock:
+            self._orphan_procs.extend(procs)
         self._recorder.orphan(kind)
         self._alert(self._alerts.orphans(self._orphans_alive()))
 
     def _orphans_alive(self) -> int:
+        """Orphan threads and processes still alive (forgetting those that ended)."""
+        import psutil
+
         with self._lock:
             keep = [
                 wf for wf in self._orphans if wf.thread is not None and wf.thread.is_alive()
             ]
             self._orphans = keep
-            return len(keep)
+            procs = list(self._orphan_procs)
+        alive = []
+        for proc in procs:
+            try:
+                # is_running() compares start times, so a reused pid is not "alive".
+                if proc.is_running() and proc.status() != "zombie":
+                    alive.append(proc)
+            except psutil.Error:
+                continue  # gone (or unreadable): not an orphan we can see
+        with self._lock:
+            self._orphan_procs = alive
+        return len(keep) + len(alive)
 
     def _alert(self, alert: Alert | None) -> None:
         if alert is None:
@@ -1234,6 +1283,21 @@ class Terminator:
                 wf, REQUEST_POLICY_PRINCIPAL, f"requested by the workflow: {reason}", False
             )
         return TerminationRequest(wf.id, reason, verdict, handle)
+
+    def _set_probe(self, probe: Probe | None) -> None:
+        """Call ``probe(workflow, point, detail)`` at every cancellation point.
+
+        Test tooling only (``termsafe.testing``, the pytest plugin): the probe
+        runs in the workflow's own thread, before the kill check, so a kill it
+        requests lands exactly there. ``point`` is ``checkpoint``, ``sleep``,
+        ``section_enter``, ``section_exit`` or ``workflow_enter`` (a child
+        starting); ``detail`` is the section kind or the child's id. Unset, it
+        costs ``checkpoint()`` one attribute test.
+        """
+        with self._lock:
+            self._probe = probe
+            for wf in self._live.values():
+                wf.probe = probe
 
     def add_event_listener(self, fn: Callable[[AuditEvent], None]) -> None:
         """Call ``fn(event)`` for every audit event, after the sink (audit thread).
