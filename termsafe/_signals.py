@@ -59,8 +59,10 @@ class SignalHandlers:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signal.Signals(signum))
-        if not self.terminator._live and self.received == 0:
-            # Nothing to terminate gracefully: behave as if we were not here.
+        if not self.terminator._live:
+            # Nothing to terminate gracefully (none yet, or a first signal already
+            # stopped them all): behave as if we were not here, so the process
+            # never becomes unkillable by this signal.
             self._default(signum, frame, previous)
             return
         # Async-signal-safe: one non-blocking write, no locks.

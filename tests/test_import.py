@@ -1,0 +1,115 @@
+"""Tests for importing termsafe: no side effects, and a sorted, honest ``__all__``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import termsafe
+
+ROOT = Path(__file__).parents[1]
+
+PROBE = r"""
+import json
+import os
+import signal
+import sys
+import threading
+
+
+def handlers():
+    return {s.name: repr(signal.getsignal(s)) for s in signal.valid_signals()
+            if isinstance(s, signal.Signals) and s not in (signal.SIGKILL, signal.SIGSTOP)}
+
+
+def fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+before = {"threads": [t.name for t in threading.enumerate()], "handlers": handlers(), "fds": fds()}
+import termsafe  # noqa: E402
+
+after = {"threads": [t.name for t in threading.enumerate()], "handlers": handlers(), "fds": fds()}
+print(json.dumps({"before": before, "after": after, "files": sorted(os.listdir("."))}))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What a fresh interpreter looks like before and after ``import termsafe``."""
+    cwd = tmp_path_factory.mktemp("import")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TERMSAFE")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
+class TestNoSideEffects:
+    def test_no_thread(self, probe: dict[str, Any]) -> None:
+        """Importing termsafe starts no thread."""
+        assert probe["before"]["threads"] == probe["after"]["threads"]
+
+    def test_no_signal_handler(self, probe: dict[str, Any]) -> None:
+        """Importing termsafe installs no signal handler."""
+        assert probe["before"]["handlers"] == probe["after"]["handlers"]
+
+    def test_no_open_file(self, probe: dict[str, Any]) -> None:
+        """Importing termsafe leaves no file descriptor open."""
+        assert probe["before"]["fds"] == probe["after"]["fds"]
+
+    def test_no_file_created(self, probe: dict[str, Any]) -> None:
+        """Importing termsafe creates nothing in the working directory (no .termsafe)."""
+        assert [] == probe["files"]
+
+
+class TestAll:
+    def test_sorted(self) -> None:
+        """``termsafe.__all__`` is kept in plain ``sorted()`` order."""
+        assert sorted(termsafe.__all__) == termsafe.__all__
+
+    def test_no_duplicates(self) -> None:
+        """Every name appears once in ``__all__``."""
+        assert len(set(termsafe.__all__)) == len(termsafe.__all__)
+
+    def test_names_exist(self) -> None:
+        """Every name in ``__all__`` is an attribute of termsafe."""
+        assert [] == [name for name in termsafe.__all__ if not hasattr(termsafe, name)]
+
+    def test_public_module(self) -> None:
+        """Exported classes and functions say they live in ``termsafe``, not a private module."""
+        wrong = {}
+        for name in termsafe.__all__:
+            obj = getattr(termsafe, name)
+            if isinstance(obj, (type, types.FunctionType)) and obj.__module__ != "termsafe":
+                wrong[name] = obj.__module__
+        assert {} == wrong
+
+    def test_every_public_name_exported(self) -> None:
+        """Every public, non-module attribute of termsafe is listed in ``__all__``."""
+        public = {
+            name
+            for name, value in vars(termsafe).items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        }
+        assert set() == public - set(termsafe.__all__)
+
+    def test_version(self) -> None:
+        """termsafe has a version string."""
+        assert isinstance(termsafe.__version__, str)
