@@ -12,11 +12,19 @@ Errors (something is wrong and the caller should know)::
     ├── InvalidTransition(RuntimeError)      a state change the transition table forbids
     ├── KillRefused(PermissionError)         ``kill()`` refused: carries the ``Decision``
     ├── WaitTimeout(TimeoutError)            ``KillHandle.wait()`` ran out of time
+    ├── TerminatorClosed(RuntimeError)       ``kill()``/``workflow()`` on a closed terminator
     ├── StoreCorrupt(RuntimeError)           the store path holds something else; untouched
     ├── IdempotencyKeyReused(ValueError)     same key, another request
     ├── IdempotencyConflict(RuntimeError)    the key is in flight under a live lease
     ├── OutcomeUnknown(RuntimeError)         a run died after its side effect may have started
-    └── LeaseLost(RuntimeError)              fenced: another run took the lease over
+    ├── AlreadyRecorded(RuntimeError)        a replayed (or recorded) call asked to send again
+    ├── LeaseLost(RuntimeError)              fenced: another run took the lease over
+    ├── AtomicWriteError(OSError)            an atomic write failed at a named step
+    ├── TransactionStateError(RuntimeError)  a connection in a state transaction() cannot use
+    ├── NotAGitRepository(ValueError)        git_operation() on a path that is no git repository
+    ├── GitCommandFailed(RuntimeError)       a git command exited non-zero: argv, status, stderr
+    ├── GitRollbackFailed(RuntimeError)      a repository could not be restored; journal kept
+    ├── OperationClosed(RuntimeError)        a safe operation used after it ended
     └── HookFailed(RuntimeError)             one or more hooks raised or timed out
 
 Control flow (not errors; derive from ``BaseException``)::
@@ -41,21 +49,29 @@ if TYPE_CHECKING:
     from ._permissions import Decision
 
 __all__ = [
+    "AlreadyRecorded",
+    "AtomicWriteError",
     "ConfigurationError",
     "DuplicateWorkflow",
     "ForcedTermination",
+    "GitCommandFailed",
+    "GitRollbackFailed",
     "HookFailed",
+    "IdempotencyConflict",
+    "IdempotencyKeyReused",
     "InvalidArgumentType",
     "InvalidTransition",
     "KillRefused",
-    "NoActiveWorkflow",
-    "Terminated",
-    "TermsafeError",
-    "IdempotencyConflict",
-    "IdempotencyKeyReused",
     "LeaseLost",
+    "NoActiveWorkflow",
+    "NotAGitRepository",
+    "OperationClosed",
     "OutcomeUnknown",
     "StoreCorrupt",
+    "Terminated",
+    "TerminatorClosed",
+    "TermsafeError",
+    "TransactionStateError",
     "UnknownSectionKind",
     "WaitTimeout",
     "WorkflowNotFound",
@@ -175,6 +191,10 @@ class KillRefused(TermsafeError, PermissionError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.workflow_id, self.decision))
+
+
+class TerminatorClosed(TermsafeError, RuntimeError):
+    """The terminator was closed: it starts no workflow and accepts no kill."""
 
 
 class WaitTimeout(TermsafeError, TimeoutError):
@@ -307,6 +327,194 @@ class LeaseLost(TermsafeError, RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.key, self.epoch, self.current_epoch))
+
+
+class AlreadyRecorded(TermsafeError, RuntimeError):
+    """An idempotent call whose result is recorded was asked to send or record again.
+
+    On a replay (``call.replayed``) the body must not repeat the side effect;
+    the result is ``call.result``. ``call.run(fn)`` and the decorator form skip
+    the side effect on a replay by themselves.
+
+    Attributes:
+        key: The key.
+        action: What was asked (``"mark_sent"``, ``"record"``, ...).
+    """
+
+    def __init__(self, key: str, action: str) -> None:
+        self.key = key
+        self.action = action
+        super().__init__(key, action)
+
+    def __str__(self) -> str:
+        return (
+            f"idempotent call {self.key!r} already has a recorded result, so {self.action}() "
+            "must not run: check call.replayed (or use call.run(fn) / the decorator)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.action))
+
+
+class AtomicWriteError(TermsafeError, OSError):
+    """``atomic_file`` or ``atomic_directory`` failed at a named step.
+
+    Unless ``committed`` is true the old file (or tree) is intact and the temp
+    is removed. ``committed`` is true only for a failure after the new content
+    was renamed into place (``fsync folder``): it is there, but may not survive
+    a power loss.
+
+    Attributes:
+        path: The target path.
+        step: What failed: ``stat``, ``create temp``, ``create staging``,
+            ``write``, ``chmod``, ``fsync``, ``close``, ``rename`` or ``fsync folder``.
+        errno: The OS error number (as ``OSError.errno``).
+        strerror: The OS error text (as ``OSError.strerror``).
+        committed: Whether the new content is already in place.
+    """
+
+    def __init__(
+        self, path: str, step: str, errno: int, strerror: str, committed: bool = False
+    ) -> None:
+        super().__init__(errno, strerror)
+        self.path = path
+        self.step = step
+        self.committed = committed
+        self.filename = path
+
+    @classmethod
+    def from_os_error(
+        cls, path: str, step: str, exc: OSError, *, committed: bool = False
+    ) -> AtomicWriteError:
+        """The error for ``exc`` raised by ``step`` of the write of ``path``."""
+        return cls(path, step, exc.errno or 0, exc.strerror or str(exc), committed)
+
+    def __str__(self) -> str:
+        outcome = (
+            "the new content is in place but may not survive a power loss"
+            if self.committed
+            else "the old content is intact"
+        )
+        return (
+            f"atomic write of {self.path!r} failed at {self.step}: "
+            f"[Errno {self.errno}] {self.strerror}; {outcome}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            type(self),
+            (self.path, self.step, self.errno, self.strerror, self.committed),
+        )
+
+
+class TransactionStateError(TermsafeError, RuntimeError):
+    """A connection is in a state ``transaction()`` cannot work with.
+
+    Attributes:
+        connection: A description of the connection (driver class and id).
+        problem: What is wrong.
+    """
+
+    def __init__(self, connection: str, problem: str) -> None:
+        self.connection = connection
+        self.problem = problem
+        super().__init__(connection, problem)
+
+    def __str__(self) -> str:
+        return f"transaction() on {self.connection}: {self.problem}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.connection, self.problem))
+
+
+class NotAGitRepository(ConfigurationError):
+    """``git_operation()`` was given a path that is not inside a git repository.
+
+    Attributes:
+        path: The path.
+        detail: What git said.
+    """
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(path, detail)
+
+    def __str__(self) -> str:
+        return f"{self.path!r} is not a git repository: {self.detail}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.detail))
+
+
+class GitCommandFailed(TermsafeError, RuntimeError):
+    """A git command run by ``git_operation()`` exited with a non-zero status.
+
+    Attributes:
+        argv: The command line (``("git", "commit", ...)``).
+        returncode: Its exit status (negative: killed by that signal).
+        stderr: What it wrote to standard error.
+        repo: The repository it ran in.
+    """
+
+    def __init__(self, argv: tuple[str, ...], returncode: int, stderr: str, repo: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        self.repo = repo
+        super().__init__(self.argv, returncode, stderr, repo)
+
+    def __str__(self) -> str:
+        tail = self.stderr.strip().splitlines()[-3:]
+        said = f": {' | '.join(tail)}" if tail else ""
+        return (
+            f"{' '.join(self.argv)!r} in {self.repo!r} exited with status {self.returncode}{said}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.argv, self.returncode, self.stderr, self.repo))
+
+
+class GitRollbackFailed(TermsafeError, RuntimeError):
+    """A repository could not be put back to the state ``git_operation()`` recorded.
+
+    Its journal entry is kept, so a later recovery sweep tries again.
+
+    Attributes:
+        repo: The repository.
+        problem: What stood in the way.
+    """
+
+    def __init__(self, repo: str, problem: str) -> None:
+        self.repo = repo
+        self.problem = problem
+        super().__init__(repo, problem)
+
+    def __str__(self) -> str:
+        return f"could not restore git repository {self.repo!r}: {self.problem}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.repo, self.problem))
+
+
+class OperationClosed(TermsafeError, RuntimeError):
+    """A safe operation's object was used after the operation ended.
+
+    Attributes:
+        operation: The operation (``git_operation '/srv/repo'``).
+        state: How it ended (``committed``, ``rolled back``).
+    """
+
+    def __init__(self, operation: str, state: str) -> None:
+        self.operation = operation
+        self.state = state
+        super().__init__(operation, state)
+
+    def __str__(self) -> str:
+        return f"{self.operation} has already ended ({self.state}); start a new one"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.operation, self.state))
 
 
 class HookFailed(TermsafeError, RuntimeError):

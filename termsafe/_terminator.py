@@ -45,6 +45,7 @@ from ._exceptions import (
     InvalidArgumentType,
     KillRefused,
     Terminated,
+    TerminatorClosed,
     WaitTimeout,
     WorkflowNotFound,
 )
@@ -498,6 +499,8 @@ class Terminator:
             raise InvalidArgumentType(f"force must be a bool (got {force!r})")
         if not isinstance(workflow_id, str):
             raise InvalidArgumentType(f"workflow id must be a str (got {workflow_id!r})")
+        if self._closed:
+            raise TerminatorClosed(f"cannot kill {workflow_id!r}: this terminator is closed")
         decision = self.can_kill(workflow_id, by)
         if not decision.allowed and decision is not perms.IN_SECTION:
             self._refuse(workflow_id, by, reason, decision)
@@ -597,7 +600,7 @@ class Terminator:
                 else:
                     escalate = force and request.phase == "graceful"
             sections = [(s.kind, self._grace_of(s)) for s in wf.sections] if fresh else []
-            if fresh:
+            if fresh and request is not None:
                 # Emitted under the workflow's lock (emit only queues): once the
                 # lock is released the workflow may finish at once, and its
                 # "workflow_finished" must not precede the request in the trail.
@@ -748,15 +751,17 @@ class Terminator:
                     expired.append(section)
             if expired:
                 wf.wake()
+            # Queued under the lock so the trail never shows it after the end.
+            for section in expired:
+                self._pipe.emit(
+                    "grace_expired",
+                    wf.id,
+                    None,
+                    request.reason,
+                    wf.state.value,
+                    {"kind": section.kind, "grace": self._grace_of(section)},
+                )
         for section in expired:
-            self._pipe.emit(
-                "grace_expired",
-                wf.id,
-                None,
-                request.reason,
-                wf.state.value,
-                {"kind": section.kind, "grace": self._grace_of(section)},
-            )
             wf.call_in_loop(section.cancel_async)
 
     def _phase_system(self, wf: Workflow, request: KillRequest) -> None:
@@ -830,7 +835,9 @@ class Terminator:
         parent: Workflow | None,
     ) -> Workflow:
         if self._closed:
-            raise InvalidArgumentType("this terminator is closed; build a new one")
+            raise TerminatorClosed(
+                f"cannot start workflow {workflow_id!r}: this terminator is closed"
+            )
         wf = Workflow(workflow_id, owner, team, depends_on, self, parent)
         with self._lock:
             if workflow_id in self._live:

@@ -49,6 +49,10 @@ R = TypeVar("R")
 
 _current: ContextVar[Workflow | None] = ContextVar("termsafe_current_workflow", default=None)
 
+#: A test probe, ``probe(workflow, point, detail)``, called at each cancellation
+#: point before the kill check; see ``Terminator._set_probe`` (termsafe.testing).
+Probe = Callable[["Workflow", str, "str | None"], None]
+
 S = WorkflowState
 _NO_STATE: Final = object()
 
@@ -88,6 +92,7 @@ class Workflow:
         "outcome",
         "owner",
         "parent",
+        "probe",
         "sections",
         "shield_depth",
         "started_at",
@@ -114,6 +119,8 @@ class Workflow:
         self.cascade = True
         self.terminator = terminator
         self.parent = parent
+        #: The terminator's test probe (``None`` unless termsafe.testing set one).
+        self.probe: Probe | None = None
         self.state = S.PENDING
         self.lock = threading.Lock()
         self.kill: KillRequest | None = None
@@ -210,12 +217,18 @@ class Workflow:
     def call_in_loop(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` soon on the workflow's event loop (no-op for thread workflows)."""
         call = self._loop_call
-        if call is not None:
-            try:
-                call(fn)
-            except RuntimeError:
-                # The loop is closed: nothing left there to cancel.
-                pass
+        if call is None:
+            return
+        if self.thread is threading.current_thread():
+            # Already on the loop's thread (a kill from the workflow's own loop):
+            # act now, so no further await completes first.
+            fn()
+            return
+        try:
+            call(fn)
+        except RuntimeError:
+            # The loop is closed: nothing left there to cancel.
+            pass
 
     def cancel_scope_soon(self) -> None:
         """Cancel the async workflow's scope from any thread."""
@@ -226,6 +239,8 @@ class Workflow:
     # -- sections ---------------------------------------------------------------
 
     def open_section(self, section: CriticalSection) -> None:
+        if self.probe is not None:
+            self.probe(self, "section_enter", section.kind)
         with self.lock:
             exc = None
             if self.kill is not None or self.abandoned:
@@ -242,6 +257,8 @@ class Workflow:
             raise exc
 
     def close_section(self, section: CriticalSection, exc: BaseException | None) -> None:
+        if self.probe is not None:
+            self.probe(self, "section_exit", section.kind)
         with self.lock:
             try:
                 self.sections.remove(section)
@@ -274,6 +291,11 @@ class Workflow:
         reraise: BaseException | None = None
         try:
             while True:
+                if self.abandoned and not by_terminator:
+                    # The terminator took the hooks over (system phase, or a hook
+                    # hung): a thread that comes back late must not run them
+                    # beside it (LIFO) nor drop the rollbacks of a killed run.
+                    return
                 hook = stack.claim(include_rollback=include_rollback)
                 if hook is None:
                     return
@@ -404,6 +426,8 @@ class WorkflowContext:
             term = get_terminator()
         parent = _current.get(None)
         if parent is not None:
+            if parent.probe is not None:
+                parent.probe(parent, "workflow_enter", self._id)
             # No new work inside a workflow that is being killed.
             parent.deliver()
             if parent.kill is not None:
@@ -454,6 +478,10 @@ class WorkflowContext:
             _current.reset(self._token)
             self._wf = None
             self._token = None
+        if (exc is None or absorb) and wf.parent is not None:
+            # Leaving a child workflow is a cancellation point of the parent: a
+            # parent killed meanwhile must not run on (and end "completed").
+            wf.parent.deliver()
         return absorb
 
     # -- async ------------------------------------------------------------------
@@ -462,6 +490,7 @@ class WorkflowContext:
         wf = self._start()
         try:
             wf.backend, wf._loop_call = _loop_caller()
+            wf.thread = threading.current_thread()
             scope = anyio.CancelScope()
             scope.__enter__()
             wf._scope = scope
@@ -510,6 +539,8 @@ class WorkflowContext:
             self._token = None
         if exc is not None and not absorb and exc_type is None:
             raise exc
+        if (exc is None or absorb) and wf.parent is not None:
+            wf.parent.deliver()  # leaving a child is a cancellation point of the parent
         return absorb
 
     async def _run_hooks_async(self, wf: Workflow, outcome: WorkflowState) -> None:
@@ -519,6 +550,8 @@ class WorkflowContext:
         term = wf.terminator
         include_rollback = outcome is not S.COMPLETED
         while True:
+            if wf.abandoned:
+                return  # the terminator took the hooks over (see Workflow.run_hooks)
             hook = stack.claim(include_rollback=include_rollback)
             if hook is None:
                 return
@@ -656,6 +689,8 @@ def checkpoint(state: Any = None) -> None:
         return
     if state is not None:
         wf.save_checkpoint(state)
+    if wf.probe is not None:
+        wf.probe(wf, "checkpoint", None)
     if wf.kill is not None:
         wf.deliver()
 
@@ -680,6 +715,8 @@ def sleep(seconds: float) -> None:
     if wf is None:
         time.sleep(duration)
         return
+    if wf.probe is not None:
+        wf.probe(wf, "sleep", None)
     deadline = time.monotonic() + duration
     with wf.lock:
         if wf._cond is None:

@@ -36,6 +36,7 @@ INSTANCES: list[BaseException] = [
     InvalidTransition("nightly", "completed", "running"),
     KillRefused("nightly", Decision(False, "Insufficient permissions")),
     WaitTimeout("nightly", 1.5),
+    _exceptions.TerminatorClosed("cannot kill 'w': this terminator is closed"),
     HookFailed("nightly", (("close_db", "ValueError: boom"), ("rm_tmp", "timed out after 1s"))),
     _exceptions.StoreCorrupt("/tmp/store.db", "is not a SQLite database"),
     _exceptions.IdempotencyKeyReused("pay-42"),

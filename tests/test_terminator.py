@@ -120,8 +120,15 @@ class TestConstruction:
         """A closed terminator accepts no new workflow."""
         term = make_term()
         term.close()
-        with pytest.raises(InvalidArgumentType, match="closed"), term.workflow("late"):
+        with pytest.raises(termsafe.TerminatorClosed, match="'late'"), term.workflow("late"):
             pass
+
+    def test_closed_refuses_kills(self, make_term: TermFactory) -> None:
+        """A closed terminator refuses a kill instead of accepting one it cannot carry out."""
+        term = make_term()
+        term.close()
+        with pytest.raises(termsafe.TerminatorClosed, match="'w'"):
+            term.kill("w", by=ADMIN)
 
     def test_no_threads_until_needed(self) -> None:
         """Building a terminator starts no thread."""

@@ -190,6 +190,8 @@ class TestChildWorkflows:
         ready = threading.Event()
         states: dict[str, WorkflowState] = {}
 
+        after_child: list[str] = []
+
         def body() -> None:
             with term.workflow("parent") as parent:
                 with term.workflow("child") as child:
@@ -197,8 +199,9 @@ class TestChildWorkflows:
                     assert parent is child.parent
                     ready.set()
                     termsafe.sleep(WAIT * 6)
-                states["child"] = child.state
-                termsafe.checkpoint()
+                # Leaving the child is a cancellation point of the killed parent.
+                after_child.append("parent ran on")
+            states["child"] = child.state
             states["parent"] = parent.state
 
         job = jobs.start(body)
@@ -207,6 +210,7 @@ class TestChildWorkflows:
         assert S.TERMINATED == handle.wait(WAIT)
         job.result()
         assert {"child": S.TERMINATED, "parent": S.TERMINATED} == states
+        assert [] == after_child
         [child_kill] = audit.of("kill_requested", "child")
         assert "parent workflow 'parent' killed: abort" == child_kill.reason
 
