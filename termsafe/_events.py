@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,12 +49,28 @@ class EventPipe:
         self._on_delivered = on_delivered
         self._on_sink_error = on_sink_error
         self._queue: collections.deque[tuple[int, _Item]] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
         self._seq = 0
         self._delivered = 0
-        self._thread: threading.Thread | None = None
         self._closed = False
         self._listeners: list[Callable[[AuditEvent], None]] = []
+        self._reset_threading()
+        _track_for_fork(self)
+
+    def _reset_threading(self) -> None:
+        # Two conditions on one lock: emit wakes only the dispatcher, and only
+        # when it is idle; the dispatcher wakes flushers after each batch.
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
+        self._idle = False
+        self._thread: threading.Thread | None = None
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's queued events and dispatcher thread are the parent's:
+        # the child starts clean (a lock held at fork time would deadlock it).
+        self._queue.clear()
+        self._delivered = self._seq
+        self._reset_threading()
 
     def add_listener(self, fn: Callable[[AuditEvent], None]) -> None:
         """Call ``fn`` with every event after the sink took it (dispatcher thread)."""
@@ -80,7 +98,9 @@ class EventPipe:
                     target=self._run, name="termsafe-audit", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify_all()
+            elif self._idle:
+                self._idle = False
+                self._work.notify()
         return seq
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -102,6 +122,7 @@ class EventPipe:
         self.flush(timeout)
         with self._cond:
             self._closed = True
+            self._work.notify_all()
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -117,7 +138,9 @@ class EventPipe:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
-                    self._cond.wait()
+                    self._idle = True
+                    self._work.wait()
+                self._idle = False
                 if not self._queue and self._closed:
                     return
                 batch = list(self._queue)
@@ -152,3 +175,21 @@ class EventPipe:
             with self._cond:
                 self._delivered = batch[-1][0]
                 self._cond.notify_all()
+
+
+_forkable: weakref.WeakSet[Any] = weakref.WeakSet()
+_fork_hook_installed = False
+
+
+def _track_for_fork(obj: Any) -> None:
+    """Reset ``obj``'s threads and locks in a forked child (hook installed on first use)."""
+    global _fork_hook_installed
+    _forkable.add(obj)
+    if not _fork_hook_installed:
+        _fork_hook_installed = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_forkable):
+        obj._after_fork_in_child()

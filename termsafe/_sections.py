@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +28,8 @@ from ._exceptions import (
     InvalidArgumentType,
     UnknownSectionKind,
 )
+from ._validate import validate_seconds
+from ._workflow import _current
 
 if TYPE_CHECKING:
     from ._workflow import Workflow
@@ -47,23 +48,6 @@ R = TypeVar("R")
 
 #: Grace periods, in seconds, of the built-in kinds.
 DEFAULT_GRACE: Final[Mapping[str, float]] = {"api": 10.0, "db": 10.0, "fs": 10.0, "git": 30.0}
-
-
-def validate_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    """Return ``value`` as a float number of seconds, or raise naming it.
-
-    Raises:
-        InvalidArgumentType: ``value`` is not a real number (bools are refused too).
-        ConfigurationError: ``value`` is negative, NaN or infinite.
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentType(f"{name} must be a number of seconds (got {value!r})")
-    seconds = float(value)
-    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
-        raise ConfigurationError(f"{name} must be >= 0 and finite (got {value!r})")
-    return seconds
 
 
 class SectionKinds:
@@ -130,7 +114,6 @@ class CriticalSection:
         "_workflow",
         "expired",
         "kind",
-        "opened_at",
     )
 
     def __init__(self, kind: str, grace: float | None) -> None:
@@ -140,7 +123,6 @@ class CriticalSection:
         self._scope: anyio.CancelScope | None = None
         #: Set by the terminator when the grace period ran out during a kill.
         self.expired = False
-        self.opened_at = 0.0
 
     def __repr__(self) -> str:
         return f"<critical_section {self.kind!r} grace={self.grace}>"
@@ -160,8 +142,6 @@ class CriticalSection:
     # -- sync ---------------------------------------------------------------
 
     def __enter__(self) -> CriticalSection:
-        from ._workflow import _current
-
         wf = _current.get(None)
         if wf is not None:
             if self._grace is None:
@@ -186,12 +166,16 @@ class CriticalSection:
     # -- async --------------------------------------------------------------
 
     async def __aenter__(self) -> CriticalSection:
-        from ._workflow import _current
-
         wf = _current.get(None)
-        if wf is not None and self._grace is None:
-            wf.terminator.section_kinds.grace(self.kind)
-        scope = anyio.CancelScope(shield=True)
+        outer = None
+        if wf is not None:
+            if self._grace is None:
+                wf.terminator.section_kinds.grace(self.kind)
+            if wf.thread is threading.current_thread():
+                outer = wf._scope
+        # anyio.CancelScope() looks the backend up on every call; the workflow's
+        # own scope already is the backend's class (on this, its loop's, thread).
+        scope = type(outer)(shield=True) if outer is not None else anyio.CancelScope(shield=True)
         scope.__enter__()
         self._scope = scope
         if wf is not None:
@@ -305,8 +289,6 @@ def shielded() -> Iterator[None]:
     In a thread workflow this suppresses ``checkpoint()`` delivery; async code
     should also wrap the step in ``anyio.CancelScope(shield=True)``.
     """
-    from ._workflow import _current
-
     wf = _current.get(None)
     if wf is None:
         yield

@@ -299,6 +299,9 @@ class Terminator:
         self._dependency_listeners: list[Callable[[Workflow, str, WorkflowState], object]] = []
         self._request_policy: RequestPolicy | None = None
         self._probe: Probe | None = None
+        #: The owner of workflows started without one (``serve_control`` sets it
+        #: to the OS user of this process).
+        self._default_owner: str | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -838,7 +841,12 @@ class Terminator:
             raise TerminatorClosed(
                 f"cannot start workflow {workflow_id!r}: this terminator is closed"
             )
+        if owner is None:
+            owner = self._default_owner
         wf = Workflow(workflow_id, owner, team, depends_on, self, parent)
+        if self.store is not None:
+            # Resume: a restarted workflow starts from its last durable checkpoint.
+            wf.last_checkpoint = self.store.load_checkpoint(workflow_id)
         with self._lock:
             if workflow_id in self._live:
                 raise DuplicateWorkflow(workflow_id)
@@ -922,6 +930,12 @@ class Terminator:
             self._alert(self._alerts.failed_kills(rec.kills_failed, finished))
         if wf.hook_failures:
             details["hook_failures"] = len(wf.hook_failures)
+        if final is S.COMPLETED and wf.last_checkpoint is not None and self.store is not None:
+            # Done: a later run under the same id starts afresh, not from here.
+            try:
+                self.store.clear_checkpoint(wf.id)
+            except Exception:
+                log.exception("termsafe: clearing the checkpoint of %s failed", wf.id)
         self._pipe.emit(
             "workflow_finished",
             wf.id,
@@ -1208,22 +1222,25 @@ class Terminator:
             raise InvalidArgumentType(f"dependency listener must be callable (got {fn!r})")
         self._dependency_listeners.append(fn)
 
-    def _notify_dependents(self, wf: Workflow, final: WorkflowState) -> None:
+    def _notify_dependents(self, wf: Workflow | str, final: WorkflowState) -> None:
+        # ``wf`` is a workflow id when the dependency ran in another process
+        # (the control socket was told, see _control.py).
+        wf_id = wf if isinstance(wf, str) else wf.id
         with self._lock:
-            ids = sorted(self._dependents.get(wf.id, ()))
+            ids = sorted(self._dependents.get(wf_id, ()))
             dependents = [self._live[i] for i in ids if i in self._live]
         for dep in dependents:
             self._pipe.emit(
                 "dependency_ended",
                 dep.id,
                 None,
-                f"dependency {wf.id!r} was {final.value}",
+                f"dependency {wf_id!r} was {final.value}",
                 dep.state.value,
-                {"dependency": wf.id, "dependency_state": final.value, "cascade": dep.cascade},
+                {"dependency": wf_id, "dependency_state": final.value, "cascade": dep.cascade},
             )
             for fn in list(self._dependency_listeners):
                 try:
-                    fn(dep, wf.id, final)
+                    fn(dep, wf_id, final)
                 except Exception:
                     log.exception("termsafe: dependency listener %r failed", fn)
             if dep.cascade and dep.kill is None and not is_terminal(dep.state):
@@ -1232,7 +1249,7 @@ class Terminator:
                 self._start_kill(
                     dep,
                     PROCESS_PRINCIPAL,
-                    f"dependency {wf.id!r} was {final.value}",
+                    f"dependency {wf_id!r} was {final.value}",
                     False,
                 )
 
@@ -1297,9 +1314,10 @@ class Terminator:
         Test tooling only (``termsafe.testing``, the pytest plugin): the probe
         runs in the workflow's own thread, before the kill check, so a kill it
         requests lands exactly there. ``point`` is ``checkpoint``, ``sleep``,
-        ``section_enter``, ``section_exit`` or ``workflow_enter`` (a child
-        starting); ``detail`` is the section kind or the child's id. Unset, it
-        costs ``checkpoint()`` one attribute test.
+        ``section_enter``, ``section_exit``, ``workflow_enter`` or
+        ``workflow_exit`` (a child starting or ending, a point of the parent);
+        ``detail`` is the section kind or the child's id. Unset, it costs
+        ``checkpoint()`` one attribute test.
         """
         with self._lock:
             self._probe = probe

@@ -24,7 +24,7 @@ log = logging.getLogger("termsafe")
 class DeadlineTimer:
     """A heap of ``(deadline, callback)`` served by one daemon thread."""
 
-    __slots__ = ("_cond", "_heap", "_name", "_seq", "_stopped", "_thread")
+    __slots__ = ("__weakref__", "_cond", "_heap", "_name", "_seq", "_stopped", "_thread")
 
     def __init__(self, name: str = "termsafe-timer") -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -33,6 +33,16 @@ class DeadlineTimer:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._name = name
+        from ._events import _track_for_fork
+
+        _track_for_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Deadlines belong to the parent's kills; the thread did not survive the
+        # fork, and a lock held at fork time would deadlock the child.
+        self._cond = threading.Condition(threading.Lock())
+        self._heap = []
+        self._thread = None
 
     def call_at(self, deadline: float, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the timer thread at ``deadline`` (``time.monotonic`` clock)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from types import TracebackType
@@ -27,6 +29,7 @@ from ._exceptions import (
 )
 from ._hooks import Hook, HookStack
 from ._states import WorkflowState, check_transition, is_terminal
+from ._validate import validate_seconds
 
 if TYPE_CHECKING:
     from ._sections import CriticalSection
@@ -248,7 +251,6 @@ class Workflow:
                 reason = kill.reason if kill is not None else ""
                 exc = (ForcedTermination if self.abandoned else Terminated)(self.id, reason)
             else:
-                section.opened_at = time.monotonic()
                 self.sections.append(section)
         if exc is not None:
             self.terminator._emit(
@@ -260,12 +262,18 @@ class Workflow:
         if self.probe is not None:
             self.probe(self, "section_exit", section.kind)
         with self.lock:
-            try:
-                self.sections.remove(section)
-            except ValueError:
-                pass
+            sections = self.sections
+            if sections and sections[-1] is section:
+                sections.pop()  # the common, properly nested case
+            else:
+                try:
+                    sections.remove(section)
+                except ValueError:
+                    pass
             kill = self.kill
-            effective = kill is not None and not self.sections
+            if kill is None:
+                return
+            effective = not sections
             deliver = self._deliverable() if exc is None else None
         if kill is not None and kill.deferred and effective:
             self.terminator._kill_effective(self, section)
@@ -481,7 +489,7 @@ class WorkflowContext:
         if (exc is None or absorb) and wf.parent is not None:
             # Leaving a child workflow is a cancellation point of the parent: a
             # parent killed meanwhile must not run on (and end "completed").
-            wf.parent.deliver()
+            _leave_child(wf.parent, wf.id)
         return absorb
 
     # -- async ------------------------------------------------------------------
@@ -528,8 +536,9 @@ class WorkflowContext:
             absorb = absorb or swallowed
             wf.outcome = outcome
             try:
-                with anyio.CancelScope(shield=True):
-                    await self._run_hooks_async(wf, outcome)
+                if wf.pending_hooks:
+                    with anyio.CancelScope(shield=True):
+                        await self._run_hooks_async(wf, outcome)
             finally:
                 wf.terminator._finish(wf, outcome)
         finally:
@@ -540,7 +549,7 @@ class WorkflowContext:
         if exc is not None and not absorb and exc_type is None:
             raise exc
         if (exc is None or absorb) and wf.parent is not None:
-            wf.parent.deliver()  # leaving a child is a cancellation point of the parent
+            _leave_child(wf.parent, wf.id)  # a cancellation point of the parent
         return absorb
 
     async def _run_hooks_async(self, wf: Workflow, outcome: WorkflowState) -> None:
@@ -592,6 +601,65 @@ class WorkflowContext:
         return wrapper
 
 
+def _leave_child(parent: Workflow, child_id: str) -> None:
+    """The parent's cancellation point after one of its children ended."""
+    if parent.probe is not None:
+        parent.probe(parent, "workflow_exit", child_id)
+    parent.deliver()
+
+
+class _LoopBatch:
+    """Coalesces cross-thread calls into one loop wake-up per batch.
+
+    Killing 10,000 async workflows would otherwise write the loop's self-pipe
+    10,000 times; here the first call of a batch schedules one drain and the
+    rest join the list it will run.
+    """
+
+    __slots__ = ("__weakref__", "_call", "_lock", "_pending")
+
+    def __init__(self, call: Callable[[Callable[[], object]], object]) -> None:
+        self._call = call
+        self._lock = threading.Lock()
+        self._pending: list[Callable[[], object]] = []
+
+    def call(self, fn: Callable[[], object]) -> None:
+        with self._lock:
+            self._pending.append(fn)
+            if len(self._pending) > 1:
+                return
+        try:
+            self._call(self._drain)
+        except BaseException:
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            fns, self._pending = self._pending, []
+        for fn in fns:
+            try:
+                fn()
+            except Exception:
+                logging.getLogger("termsafe").exception("termsafe: loop callback %r failed", fn)
+
+
+_batches: weakref.WeakKeyDictionary[Any, _LoopBatch] = weakref.WeakKeyDictionary()
+_batches_lock = threading.Lock()
+
+
+def _batch_for(key: Any, call: Callable[[Callable[[], object]], object]) -> _LoopBatch:
+    with _batches_lock:
+        try:
+            batch = _batches.get(key)
+        except TypeError:  # not weak-referenceable: no sharing, still correct
+            return _LoopBatch(call)
+        if batch is None:
+            batch = _batches[key] = _LoopBatch(call)
+        return batch
+
+
 def _loop_caller() -> tuple[str, Callable[[Callable[[], object]], object]]:
     """The running backend's name and a thread-safe, non-blocking 'call soon'."""
     try:
@@ -599,11 +667,11 @@ def _loop_caller() -> tuple[str, Callable[[Callable[[], object]], object]]:
     except RuntimeError:
         pass
     else:
-        return "asyncio", loop.call_soon_threadsafe
+        return "asyncio", _batch_for(loop, loop.call_soon_threadsafe).call
     import trio
 
     token = trio.lowlevel.current_trio_token()
-    return "trio", token.run_sync_soon
+    return "trio", _batch_for(token, token.run_sync_soon).call
 
 
 def workflow(
@@ -707,8 +775,6 @@ def sleep(seconds: float) -> None:
         Terminated: a kill is pending (or arrives) and may land here.
         ForcedTermination: as for ``checkpoint()``.
     """
-    from ._sections import validate_seconds
-
     duration = validate_seconds("seconds", seconds)
     assert duration is not None
     wf = _current.get()
@@ -759,6 +825,9 @@ def _require_workflow(what: str) -> Workflow:
     wf = _current.get()
     if wf is None:
         raise NoActiveWorkflow(f"{what} needs a workflow in scope; call it inside workflow(...)")
+    if wf.abandoned:
+        # The terminator took this workflow over: nothing registered now would run.
+        raise ForcedTermination(wf.id, wf.kill_reason)
     return wf
 
 
@@ -774,6 +843,8 @@ def on_rollback(fn: Callable[[], Any]) -> Hook:
     Raises:
         NoActiveWorkflow: no workflow is in scope.
         InvalidArgumentType: ``fn`` is not callable.
+        ForcedTermination: the system phase took the workflow over (its hooks
+            already ran; a new one never would).
     """
     return _require_workflow("on_rollback()").hooks.push(fn, "rollback")
 
@@ -787,5 +858,7 @@ def on_cleanup(fn: Callable[[], Any]) -> Hook:
     Raises:
         NoActiveWorkflow: no workflow is in scope.
         InvalidArgumentType: ``fn`` is not callable.
+        ForcedTermination: the system phase took the workflow over (its hooks
+            already ran; a new one never would).
     """
     return _require_workflow("on_cleanup()").hooks.push(fn, "cleanup")
