@@ -674,19 +674,22 @@ class Terminator:
         self, wf: Workflow, request: KillRequest, now: float, sections: list[tuple[str, float]]
     ) -> None:
         phases = self.phases
+        graces = sorted({g for _, g in sections})
+        system_at = now + (0.0 if request.force else phases.graceful) + phases.forced
+        if graces:
+            system_at = max(system_at, now + graces[-1] + phases.forced)
+        # Set before any deadline is queued: a zero-length phase fires at once.
+        request.system_at = system_at
+        for grace in graces:
+            self._timer.call_at(now + grace, lambda: self._expire_sections(wf, request))
         if request.force:
-            system_at = now + phases.forced
+            self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
             self._forced_actions_run(wf, request)
         else:
-            system_at = now + phases.graceful + phases.forced
+            # One deadline per kill: the forced phase queues the system phase.
             self._timer.call_at(
                 now + phases.graceful, lambda: self._phase_forced(wf, request, escalated=False)
             )
-        for grace in sorted({g for _, g in sections}):
-            self._timer.call_at(now + grace, lambda: self._expire_sections(wf, request))
-            system_at = max(system_at, now + grace + phases.forced)
-        request.system_at = system_at
-        self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
 
     # -- the ladder ---------------------------------------------------------------
 
@@ -703,9 +706,8 @@ class Terminator:
                 system_at = now + self.phases.forced
                 if request.grace_deadline is not None:
                     system_at = max(system_at, request.grace_deadline + self.phases.forced)
-                if system_at < request.system_at:
-                    request.system_at = system_at
-                    self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
+                request.system_at = min(request.system_at, system_at)
+            self._timer.call_at(request.system_at, lambda: self._phase_system(wf, request))
             # Under the lock, so the trail never shows it after "workflow_finished".
             self._pipe.emit(
                 "phase_changed",
