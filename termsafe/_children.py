@@ -88,7 +88,15 @@ class TrackedProcess:
 
 
 def _kill_tracked(wf: Workflow) -> None:
-    """Forced action: kill every tracked tree of ``wf`` at once."""
+    """Forced action: kill every tracked tree of ``wf`` at once.
+
+    Not while a critical section is still within its grace: its children are
+    part of the work the kill is waiting for. The terminator calls this again
+    when the grace runs out.
+    """
+    with wf.lock:
+        if any(not s.expired for s in wf.sections):
+            return
     with _lock:
         procs = list(_tracked.get(wf, ()))
     for proc in reversed(procs):

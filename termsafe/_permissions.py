@@ -18,6 +18,7 @@ claim.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -111,13 +112,20 @@ class Principal:
     teams: frozenset[str] = attrs.field(default=(), converter=_teams)
 
     def as_dict(self) -> dict[str, object]:
-        """Return a JSON-ready mapping (roles and teams sorted)."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "roles": sorted(self.roles),
-            "teams": sorted(self.teams),
-        }
+        """Return a JSON-ready mapping (roles and teams sorted); treat it as read-only."""
+        return _principal_dict(self)
+
+
+@functools.lru_cache(maxsize=1024)
+def _principal_dict(principal: Principal) -> dict[str, object]:
+    # Principals are frozen, and the same few ask again and again: a kill storm
+    # should not sort their roles 10,000 times.
+    return {
+        "id": principal.id,
+        "kind": principal.kind,
+        "roles": sorted(principal.roles),
+        "teams": sorted(principal.teams),
+    }
 
 
 @attrs.frozen

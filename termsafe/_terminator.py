@@ -720,8 +720,10 @@ class Terminator:
         wf.cancel_scope_soon()
         self._forced_actions_run(wf, request)
 
-    def _forced_actions_run(self, wf: Workflow, request: KillRequest) -> None:
-        if wf.last_checkpoint is not None:
+    def _forced_actions_run(
+        self, wf: Workflow, request: KillRequest, *, save: bool = True
+    ) -> None:
+        if save and wf.last_checkpoint is not None:
             self._pipe.emit(
                 "emergency_save",
                 wf.id,
@@ -768,6 +770,9 @@ class Terminator:
                 )
         for section in expired:
             wf.call_in_loop(section.cancel_async)
+        if expired and request.phase != "graceful":
+            # Forced actions held back by the section (its child processes) may act now.
+            self._forced_actions_run(wf, request, save=False)
 
     def _phase_system(self, wf: Workflow, request: KillRequest) -> None:
         with wf.lock:

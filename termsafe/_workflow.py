@@ -184,6 +184,8 @@ class Workflow:
 
     def children(self) -> list[Workflow]:
         """The live workflows started inside this one."""
+        if self._children is None:
+            return []
         with self.lock:
             return [c for c in self._children or () if not is_terminal(c.state)]
 
@@ -245,12 +247,19 @@ class Workflow:
         if self.probe is not None:
             self.probe(self, "section_enter", section.kind)
         with self.lock:
-            exc = None
-            if self.kill is not None or self.abandoned:
-                kill = self.kill
-                reason = kill.reason if kill is not None else ""
-                exc = (ForcedTermination if self.abandoned else Terminated)(self.id, reason)
-            else:
+            exc: BaseException | None = None
+            kill = self.kill
+            if self.abandoned:
+                exc = ForcedTermination(self.id, kill.reason if kill is not None else "")
+            elif kill is not None:
+                if not self.sections:
+                    # No new work once a kill is pending...
+                    exc = Terminated(self.id, kill.reason)
+                elif any(s.expired for s in self.sections):
+                    exc = ForcedTermination(self.id, kill.reason)
+                # ...but a section nested in one the kill is waiting for is part
+                # of the work being finished (a commit inside the caller's section).
+            if exc is None:
                 self.sections.append(section)
         if exc is not None:
             self.terminator._emit(

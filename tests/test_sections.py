@@ -103,6 +103,22 @@ class TestDeferral:
         [deferred] = audit.of("kill_deferred")
         assert 30.0 == deferred.details["grace_deadline_in"]
 
+    def test_section_nested_in_a_deferring_section_may_open(
+        self, term: Terminator, audit: Audit
+    ) -> None:
+        """A section opened inside the section a kill waits for is part of finishing its work."""
+        trace: list[str] = []
+        with term.workflow("commit-inside") as wf:
+            with critical_section("fs"):
+                term.kill("commit-inside", by=ADMIN)
+                with critical_section("db"):  # e.g. a transaction's COMMIT
+                    trace.append("inner committed")
+                trace.append("outer finishing")
+            trace.append("after outer")
+        assert ["inner committed", "outer finishing"] == trace
+        assert S.TERMINATED == wf.state
+        assert [] == audit.of("section_refused")
+
     def test_entering_section_while_kill_pending(self, term: Terminator, audit: Audit) -> None:
         """Entering a section while a kill is pending raises Terminated: no new work starts."""
         trace: list[str] = []
