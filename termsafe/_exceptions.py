@@ -25,7 +25,9 @@ Errors (something is wrong and the caller should know)::
     ├── GitCommandFailed(RuntimeError)       a git command exited non-zero: argv, status, stderr
     ├── GitRollbackFailed(RuntimeError)      a repository could not be restored; journal kept
     ├── OperationClosed(RuntimeError)        a safe operation used after it ended
-    └── HookFailed(RuntimeError)             one or more hooks raised or timed out
+    ├── HookFailed(RuntimeError)             one or more hooks raised or timed out
+    ├── ControlError(ConnectionError)        a control socket unreachable, or a bad answer
+    └── AuditTampered(ValueError)            replay_audit() refused a trail that fails verification
 
 Control flow (not errors; derive from ``BaseException``)::
 
@@ -46,12 +48,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._audit import VerifyReport
     from ._permissions import Decision
 
 __all__ = [
     "AlreadyRecorded",
     "AtomicWriteError",
+    "AuditTampered",
     "ConfigurationError",
+    "ControlError",
     "DuplicateWorkflow",
     "ForcedTermination",
     "GitCommandFailed",
@@ -538,6 +543,51 @@ class HookFailed(TermsafeError, RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.workflow_id, self.failures))
+
+
+class ControlError(TermsafeError, ConnectionError):
+    """A control socket could not be reached, or did not answer as expected.
+
+    Attributes:
+        path: The socket's path.
+        problem: What went wrong.
+        errno: The OS error number, or ``None`` (a protocol problem).
+    """
+
+    def __init__(self, path: str, problem: str, errno: int | None = None) -> None:
+        super().__init__(errno, problem)
+        self.path = path
+        self.problem = problem
+        self.filename = path
+
+    def __str__(self) -> str:
+        return f"control socket {self.path!r}: {self.problem}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.problem, self.errno))
+
+
+class AuditTampered(TermsafeError, ValueError):
+    """``replay_audit()`` refused a trail whose hash chain does not verify.
+
+    Attributes:
+        path: The trail.
+        report: The ``VerifyReport`` naming the first bad line.
+    """
+
+    def __init__(self, path: str, report: VerifyReport) -> None:
+        self.path = path
+        self.report = report
+        super().__init__(path, report)
+
+    def __str__(self) -> str:
+        return (
+            f"audit trail {self.path!r} does not verify ({self.report.kind}: "
+            f"{self.report.message}); pass allow_tampered=True to replay it anyway"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.report))
 
 
 class Terminated(BaseException):

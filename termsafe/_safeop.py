@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._hooks import Hook, HookKind
-from ._sections import critical_section, shielded
+from ._sections import CriticalSection, critical_section, shielded
 from ._workflow import Workflow, current_workflow
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class OperationScope:
         self._hooks: list[Hook] = []
         self._journal: list[int] = []
         self._local_rollbacks: list[Callable[[], Any]] = []
+        self._body_section: CriticalSection | None = None
 
     # -- enter ---------------------------------------------------------------
 
@@ -101,6 +102,17 @@ class OperationScope:
             self._journal.remove(entry)
         self.store.journal_remove(entry)
 
+    def hold_section(self, section: CriticalSection | None) -> None:
+        """Note that the operation's whole body runs inside ``section`` (or no longer does).
+
+        For operations whose body is itself the risky part (``idempotent_call``:
+        the API call). The caller enters and leaves the section (sync or async);
+        while it is held, ``committing()`` only shields, since the commit is
+        already inside a section of the operation's kind: a kill that the body
+        deferred must not refuse the commit of work already done.
+        """
+        self._body_section = section
+
     # -- commit --------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -108,6 +120,10 @@ class OperationScope:
         """The commit step: a critical section of the operation's kind, shielded."""
         if self.workflow is None:
             yield
+            return
+        if self._body_section is not None:
+            with shielded():
+                yield
             return
         with critical_section(self.kind), shielded():
             yield

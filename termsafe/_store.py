@@ -47,6 +47,7 @@ __all__ = [
     "APPLICATION_ID",
     "Claim",
     "Compensation",
+    "IdempotencyRecord",
     "JournalEntry",
     "Run",
     "SQLiteStore",
@@ -129,6 +130,33 @@ class Compensation:
 
 
 @attrs.frozen
+class IdempotencyRecord:
+    """What the store knows about one idempotency key.
+
+    Attributes:
+        key: The key.
+        status: ``in_flight``, ``done``, ``released`` or ``unknown``.
+        epoch: The fencing epoch of the latest claim.
+        owner: The process that made the latest claim.
+        lease_expires: Wall-clock time the latest claim's lease runs out.
+        sent: Whether the latest claim's side effect may have started.
+        result: The recorded result (``done`` only).
+        created_at: Wall-clock time of the first claim.
+        updated_at: Wall-clock time of the last change.
+    """
+
+    key: str
+    status: str
+    epoch: int
+    owner: Identity
+    lease_expires: float
+    sent: bool
+    result: Any
+    created_at: float
+    updated_at: float
+
+
+@attrs.frozen
 class Run:
     """A workflow run registered across processes.
 
@@ -177,7 +205,13 @@ class Store(Protocol):
         """Every journal entry (of ``kind``), oldest first."""
 
     def idem_claim(
-        self, key: str, fingerprint: str, *, lease_seconds: float, retry_unknown: bool
+        self,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_seconds: float,
+        retry_unknown: bool,
+        sent: bool = False,
     ) -> Claim:
         """Claim ``key`` for a first run, or return its recorded result."""
 
@@ -189,6 +223,63 @@ class Store(Protocol):
 
     def idem_release(self, key: str, epoch: int, *, unknown: bool) -> None:
         """Give up a claim: retryable, or (``unknown``) outcome unknown."""
+
+    def idem_renew(self, key: str, epoch: int, lease_seconds: float) -> None:
+        """Extend the lease of a claim still held; fenced by ``epoch``."""
+
+    def idem_resolve(self, key: str, result: Any | None, *, succeeded: bool) -> None:
+        """Settle an ``unknown`` key: done with ``result``, or released for retry."""
+
+    def idem_info(self, key: str) -> IdempotencyRecord | None:
+        """What the store knows about ``key``, or ``None``."""
+
+    def idem_prune(self, older_than: float) -> int:
+        """Delete settled keys untouched for ``older_than`` seconds; return how many."""
+
+    def comp_add(self, key: str, epoch: int, name: str, payload: Any) -> int:
+        """Record a pending compensation for ``key``; fenced by ``epoch``."""
+
+    def comp_claim(self, comp_id: int) -> bool:
+        """Take a pending compensation to run it; ``False`` if it ran elsewhere."""
+
+    def comp_finish(self, comp_id: int, *, ok: bool) -> None:
+        """Record a claimed compensation's outcome."""
+
+    def comp_discard(self, comp_id: int) -> bool:
+        """Forget a compensation that is still pending (no longer needed)."""
+
+    def comp_list(self, key: str | None = None) -> list[Compensation]:
+        """Compensations (for ``key``), in the order they were recorded."""
+
+    def clear_checkpoint(self, workflow_id: str) -> None:
+        """Forget the workflow's checkpoint (it completed)."""
+
+    def run_register(
+        self,
+        run_id: str,
+        workflow_id: str,
+        *,
+        owner: str | None,
+        team: str | None,
+        state: str,
+        process: Identity | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a run as live in a process (default: this one)."""
+
+    def run_set_state(self, run_id: str, state: str, *, final: bool = False) -> bool:
+        """Record a run's state unless it is final already; return whether it was recorded."""
+
+    def run_batch(
+        self, new: Sequence[Run] = (), states: Sequence[tuple[str, str, bool]] = ()
+    ) -> None:
+        """Register ``new`` runs, then record ``(run_id, state, final)`` changes, in one go."""
+
+    def run_get(self, run_id: str) -> Run | None:
+        """The run with this id, or ``None``."""
+
+    def runs(self, *, live_only: bool = False) -> list[Run]:
+        """Registered runs, oldest first (``live_only``: not yet in a final state)."""
 
     def close(self) -> None:
         """Close the store's connections."""
@@ -205,11 +296,28 @@ def _check_key(key: object) -> str:
     return key
 
 
+# Built once: json.dumps(..., sort_keys=True) builds an encoder on every call.
+_encode: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def _dumps(value: Any, what: str) -> str:
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+        return _encode(value)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
+
+
+_identity_cache: tuple[Identity, str] | None = None
+
+
+def _identity_json() -> str:
+    """``current_identity()`` as JSON, encoded once per process (it is on every journal write)."""
+    global _identity_cache
+    ident = current_identity()
+    cached = _identity_cache
+    if cached is None or cached[0] is not ident:
+        cached = _identity_cache = (ident, json.dumps(ident.as_dict()))
+    return cached[1]
 
 
 # Numbered migrations; index i upgrades user_version i -> i+1.
@@ -465,14 +573,15 @@ class SQLiteStore:
                 f"unknown journal kind {kind!r} (known: {', '.join(JOURNAL_KINDS)})"
             )
         data = _dumps(payload, "journal payload")
-        owner = json.dumps(current_identity().as_dict())
-        with self._tx(durable=False) as tx:
-            cur = tx.execute(
-                "INSERT INTO journal(kind, payload, owner, workflow_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (kind, data, owner, workflow_id, time.time()),
-            )
-            entry_id = cur.lastrowid
+        owner = _identity_json()
+        # One statement is its own transaction: an explicit BEGIN IMMEDIATE ...
+        # COMMIT around it would add two round trips (~20 us) to every atomic write.
+        cur = self._conn(durable=False).execute(
+            "INSERT INTO journal(kind, payload, owner, workflow_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (kind, data, owner, workflow_id, time.time()),
+        )
+        entry_id = cur.lastrowid
         assert entry_id is not None
         return entry_id
 
@@ -498,7 +607,13 @@ class SQLiteStore:
     # -- idempotency ----------------------------------------------------------------
 
     def idem_claim(
-        self, key: str, fingerprint: str, *, lease_seconds: float, retry_unknown: bool
+        self,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_seconds: float,
+        retry_unknown: bool,
+        sent: bool = False,
     ) -> Claim:
         """Claim ``key`` for a first run, or return its recorded result.
 
@@ -508,6 +623,22 @@ class SQLiteStore:
         has an unknown outcome, which is reported, never guessed, unless
         ``retry_unknown`` (the external system deduplicates by key).
 
+        A replay costs one read and no write lock: a ``done`` record never
+        changes (only pruning deletes it).
+
+        Args:
+            key: The idempotency key (1 to 255 characters).
+            fingerprint: Identifies the request; another fingerprint under the
+                same key is an error.
+            lease_seconds: How long the claim holds without renewal.
+            retry_unknown: Retry a key whose outcome is unknown.
+            sent: Record the claim as "the side effect may have started" at
+                once (the whole body is the point of no return); saves the
+                separate ``idem_mark_sent`` transaction.
+
+        Returns:
+            The ``Claim``: a replay with its result, or a first run/retry with its epoch.
+
         Raises:
             IdempotencyKeyReused: the key was used with another fingerprint.
             IdempotencyConflict: a live run holds the key.
@@ -515,8 +646,21 @@ class SQLiteStore:
             ConfigurationError: the key is empty or longer than 255 characters.
         """
         _check_key(key)
+        done = (
+            self._conn()
+            .execute(
+                "SELECT fingerprint, result, epoch FROM idempotency "
+                "WHERE key = ? AND status = 'done'",
+                (key,),
+            )
+            .fetchone()
+        )
+        if done is not None:
+            if done[0] != fingerprint:
+                raise IdempotencyKeyReused(key)
+            return Claim(key, True, json.loads(done[1]), done[2])
         now = time.time()
-        me = json.dumps(current_identity().as_dict())
+        me = _identity_json()
         with self._tx() as tx:
             row = tx.execute(
                 "SELECT fingerprint, status, result, epoch, owner, lease_expires, sent "
@@ -526,12 +670,12 @@ class SQLiteStore:
             if row is None:
                 tx.execute(
                     "INSERT INTO idempotency(key, fingerprint, status, epoch, owner, "
-                    "lease_expires, created_at, updated_at) "
-                    "VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?)",
-                    (key, fingerprint, me, now + lease_seconds, now, now),
+                    "lease_expires, sent, created_at, updated_at) "
+                    "VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?, ?)",
+                    (key, fingerprint, me, now + lease_seconds, int(sent), now, now),
                 )
                 return Claim(key, False, None, 1)
-            stored_fp, status, result, epoch, owner, lease_expires, sent = row
+            stored_fp, status, result, epoch, owner, lease_expires, was_sent = row
             if stored_fp != fingerprint:
                 raise IdempotencyKeyReused(key)
             if status == "done":
@@ -540,7 +684,7 @@ class SQLiteStore:
                 holder = Identity.from_dict(json.loads(owner))
                 if lease_expires > now and identity_alive(holder):
                     raise IdempotencyConflict(key, holder.pid, holder.host)
-                if sent and not retry_unknown:
+                if was_sent and not retry_unknown:
                     # The holder died (or its lease ran out) after the side
                     # effect may have started: nobody can know what happened.
                     tx.execute(
@@ -555,8 +699,8 @@ class SQLiteStore:
                 unknown = False
                 tx.execute(
                     "UPDATE idempotency SET status = 'in_flight', epoch = ?, owner = ?, "
-                    "lease_expires = ?, sent = 0, updated_at = ? WHERE key = ?",
-                    (epoch + 1, me, now + lease_seconds, now, key),
+                    "lease_expires = ?, sent = ?, updated_at = ? WHERE key = ?",
+                    (epoch + 1, me, now + lease_seconds, int(sent), now, key),
                 )
         if unknown:
             raise OutcomeUnknown(key)
@@ -663,6 +807,31 @@ class SQLiteStore:
         )
         return None if row is None else str(row[0])
 
+    def idem_info(self, key: str) -> IdempotencyRecord | None:
+        """What the store knows about ``key``, or ``None`` if it has no record."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT status, epoch, owner, lease_expires, sent, result, created_at, "
+                "updated_at FROM idempotency WHERE key = ?",
+                (key,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            key,
+            row[0],
+            row[1],
+            Identity.from_dict(json.loads(row[2])),
+            row[3],
+            bool(row[4]),
+            None if row[5] is None else json.loads(row[5]),
+            row[6],
+            row[7],
+        )
+
     def idem_prune(self, older_than: float) -> int:
         """Delete settled keys (done/released) untouched for ``older_than`` seconds.
 
@@ -693,8 +862,12 @@ class SQLiteStore:
         data = _dumps(payload, "compensation payload")
         now = time.time()
         with self._tx() as tx:
-            row = tx.execute("SELECT epoch FROM idempotency WHERE key = ?", (key,)).fetchone()
-            if row is None or int(row[0]) != epoch:
+            row = tx.execute(
+                "SELECT epoch, status FROM idempotency WHERE key = ?", (key,)
+            ).fetchone()
+            # Only the run that holds the claim (or recorded it) may add one: a
+            # run whose claim was released or marked unknown is fenced too.
+            if row is None or int(row[0]) != epoch or row[1] not in ("in_flight", "done"):
                 raise LeaseLost(key, epoch, None if row is None else int(row[0]))
             cur = tx.execute(
                 "INSERT INTO compensations(key, name, payload, status, created_at, updated_at) "
@@ -722,6 +895,18 @@ class SQLiteStore:
                 "UPDATE compensations SET status = ?, updated_at = ? WHERE id = ?",
                 ("done" if ok else "failed", time.time(), comp_id),
             )
+
+    def comp_discard(self, comp_id: int) -> bool:
+        """Forget a compensation still pending (its workflow succeeded: it is not needed).
+
+        Returns:
+            Whether it was pending (and is now gone).
+        """
+        with self._tx() as tx:
+            cur = tx.execute(
+                "DELETE FROM compensations WHERE id = ? AND status = 'pending'", (comp_id,)
+            )
+            return cur.rowcount == 1
 
     def comp_list(self, key: str | None = None) -> list[Compensation]:
         """Compensations (for ``key``), in the order they were recorded."""
@@ -808,9 +993,74 @@ class SQLiteStore:
             for r in rows
         ]
 
+    def run_batch(
+        self, new: Sequence[Run] = (), states: Sequence[tuple[str, str, bool]] = ()
+    ) -> None:
+        """Register ``new`` runs, then record ``(run_id, state, final)`` changes: one transaction.
+
+        For hosts that register many workflows (``serve_control``): one commit
+        (one fsync) for a whole batch instead of one per run. A state change of
+        a run already in a final state is skipped, as in ``run_set_state``.
+
+        Raises:
+            InvalidArgumentType: a run's ``info`` is not JSON data.
+        """
+        processes: dict[Identity, str] = {}  # one host process registers many runs
+        rows = []
+        for run in new:
+            process = processes.get(run.process)
+            if process is None:
+                process = processes[run.process] = json.dumps(run.process.as_dict())
+            rows.append(
+                (
+                    run.run_id,
+                    run.workflow_id,
+                    run.owner,
+                    run.team,
+                    run.state,
+                    process,
+                    run.started_at,
+                    run.ended_at,
+                    _dumps(run.info, "run info"),
+                )
+            )
+        if not rows and not states:
+            return
+        now = time.time()
+        with self._tx() as tx:
+            tx.executemany(
+                "INSERT INTO runs(run_id, workflow_id, owner, team, state, process, "
+                "started_at, ended_at, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            tx.executemany(
+                "UPDATE runs SET state = ?, ended_at = CASE WHEN ? THEN ? ELSE ended_at END "
+                "WHERE run_id = ? AND state NOT IN ('completed', 'failed', 'terminated', 'killed')",
+                [(state, final, now, run_id) for run_id, state, final in states],
+            )
+
+    def run_get(self, run_id: str) -> Run | None:
+        """The run with this id, or ``None``."""
+        r = (
+            self._conn()
+            .execute(
+                "SELECT run_id, workflow_id, owner, team, state, process, started_at, ended_at, "
+                "info FROM runs WHERE run_id = ?",
+                (run_id,),
+            )
+            .fetchone()
+        )
+        if r is None:
+            return None
+        process = Identity.from_dict(json.loads(r[5]))
+        return Run(r[0], r[1], r[2], r[3], r[4], process, r[6], r[7], json.loads(r[8]))
+
 
 _default_store: SQLiteStore | None = None
 _default_lock = threading.Lock()
+# The $TERMSAFE_HOME value _default_store was opened for: every atomic write
+# looks the store up, and building Paths to compare costs ~10 us each time.
+_default_key: str | None = None
 
 
 def open_default_store() -> SQLiteStore:
@@ -819,9 +1069,14 @@ def open_default_store() -> SQLiteStore:
     Raises:
         StoreCorrupt: the file there is not a termsafe store.
     """
-    global _default_store
+    global _default_store, _default_key
+    key = os.environ.get("TERMSAFE_HOME") or ""
+    store = _default_store
+    if store is not None and not store._closed and key == _default_key:
+        return store
     with _default_lock:
         store = _default_store
         if store is None or store._closed or store.path != default_home() / "store.sqlite3":
             store = _default_store = SQLiteStore()
+        _default_key = key
         return store

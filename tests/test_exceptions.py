@@ -20,6 +20,7 @@ from termsafe import (
     Terminated,
     TermsafeError,
     UnknownSectionKind,
+    VerifyReport,
     WaitTimeout,
     WorkflowNotFound,
     _exceptions,
@@ -52,6 +53,12 @@ INSTANCES: list[BaseException] = [
     _exceptions.GitCommandFailed(("git", "commit", "-m", "x"), 128, "fatal: bad\n", "/srv/repo"),
     _exceptions.GitRollbackFailed("/srv/repo", "ref is locked"),
     _exceptions.OperationClosed("git_operation '/srv/repo'", "committed"),
+    _exceptions.ControlError("/run/ts/control/1-2.sock", "cannot connect: Connection refused", 111),
+    _exceptions.ControlError("/run/ts/control/1-2.sock", "answer is not JSON: b'?'"),
+    _exceptions.AuditTampered(
+        "/var/log/audit.jsonl",
+        VerifyReport(False, 3, 3, "edited", "line 3 was edited", path="/var/log/audit.jsonl"),
+    ),
     Terminated("nightly", "operator asked"),
     Terminated(),
     ForcedTermination("nightly", "grace ran out"),
@@ -141,6 +148,8 @@ class TestErrorTree:
             (_exceptions.GitCommandFailed, RuntimeError),
             (_exceptions.GitRollbackFailed, RuntimeError),
             (_exceptions.OperationClosed, RuntimeError),
+            (_exceptions.ControlError, ConnectionError),
+            (_exceptions.AuditTampered, ValueError),
         ],
     )
     def test_leaf_subclasses_builtin(self, cls: type[Exception], builtin: type[Exception]) -> None:
