@@ -1,30 +1,69 @@
 """The ``termsafe`` command.
 
-Exit codes: 0 success; 1 a check failed (the demo's verdict, a trail that does
-not verify); 2 bad usage or input (argparse's convention), with a message that
-names the bad value.
+Exit codes:
+
+* 0: success (``kill``: the kill was accepted, now or deferred; ``recover``:
+  everything dead processes left is settled);
+* 1: a check failed: the demo's verdict, a trail that does not verify,
+  ``recover`` left something it could not settle (printed);
+* 2: bad usage or input (argparse's convention), with a message that names the
+  bad value;
+* 3: ``kill`` refused: insufficient permissions, or the workflow has finished;
+* 4: ``kill``/``status``: no live workflow with that id, or its host process
+  cannot be reached (it may have died: ``termsafe recover``).
+
+``run`` exits with the command's own code (128 + N when signal N ended it,
+127 when it was not found, 126 when it could not be executed), like a shell.
+
+The store, the audit trail (``audit.jsonl``), the control sockets and the
+access policy live under ``$TERMSAFE_HOME`` (default ``./.termsafe``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ._store import Run, SQLiteStore
+    from ._supervisor import RunResult
 
 __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_NOT_FOUND = 4
+
+FINAL_STATES = ("completed", "failed", "terminated", "killed")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0 and finite (got {text!r})")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="termsafe",
-        description="Safe termination of workflows: demo, audit-trail tools.",
+        description=(
+            "Safe termination of workflows: list, inspect and kill them, run a command "
+            "under supervision, recover after a crash, check an audit trail."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -42,7 +81,75 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("path", type=Path)
     tail.add_argument("-n", type=int, default=20, help="how many events (default 20)")
     tail.add_argument("--json", action="store_true", help="print events as JSON lines")
+
+    ps = sub.add_parser("ps", help="list the workflows registered in the store")
+    ps.add_argument("--all", action="store_true", help="include finished runs")
+    ps.add_argument("--json", action="store_true", help="print the runs as a JSON list")
+
+    status = sub.add_parser("status", help="show one workflow (by workflow id or run id)")
+    status.add_argument("id", help="a workflow id or a run id")
+    status.add_argument("--socket", help="ask this control socket, not the store")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    kill = sub.add_parser("kill", help="kill a workflow, as the OS user you are")
+    kill.add_argument("id", help="a workflow id or a run id")
+    kill.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    kill.add_argument("--force", action="store_true", help="start at the forced phase")
+    kill.add_argument("--socket", help="the control socket to ask (default: from the store)")
+    kill.add_argument(
+        "--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
+    kill.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    recover = sub.add_parser("recover", help="clean up after processes that died")
+    recover.add_argument(
+        "--kill-timeout",
+        type=_seconds,
+        default=1.0,
+        help="seconds between SIGTERM and SIGKILL for orphan processes (default 1)",
+    )
+    recover.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    run = sub.add_parser(
+        "run",
+        help="run a command as a supervised workflow process",
+        usage="termsafe run [options] -- CMD [ARG ...]",
+    )
+    run.add_argument("--id", dest="workflow_id", help="the workflow id (default: CMD-<random>)")
+    run.add_argument("--owner", help="the owner's principal id (default: your OS user)")
+    run.add_argument("--team", help="the team")
+    run.add_argument(
+        "--depends-on",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a workflow this run depends on (repeatable)",
+    )
+    run.add_argument(
+        "--no-cascade",
+        action="store_true",
+        help="when a dependency is killed, only record it (default: kill this run too)",
+    )
+    run.add_argument(
+        "--graceful", type=_seconds, default=5.0, help="graceful phase, seconds (default 5)"
+    )
+    run.add_argument(
+        "--forced", type=_seconds, default=5.0, help="forced phase, seconds (default 5)"
+    )
+    run.add_argument(
+        "--cleanup",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="a command to run after the run ended and was cleaned up (repeatable)",
+    )
+    run.add_argument("--no-control", action="store_true", help="do not host a control socket")
+    run.add_argument("-v", "--verbose", action="store_true", help="print each step to stderr")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     return parser
+
+
+# -- audit ----------------------------------------------------------------------------------
 
 
 def _audit_verify(args: argparse.Namespace, out: TextIO) -> int:
@@ -92,6 +199,287 @@ def _audit_tail(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# -- the store ----------------------------------------------------------------------------
+
+
+def _home() -> Path:
+    from ._store import default_home
+
+    return default_home()
+
+
+_opened: list[SQLiteStore] = []
+
+
+def _open_store() -> SQLiteStore | None:
+    """The store under TERMSAFE_HOME, or ``None`` when there is none (never created here).
+
+    ``main`` closes it before returning.
+    """
+    from ._store import SQLiteStore
+
+    path = _home() / "store.sqlite3"
+    if not path.exists():
+        return None
+    store = SQLiteStore(path)
+    _opened.append(store)
+    return store
+
+
+def _run_dict(run: Run, alive: bool | None) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "workflow_id": run.workflow_id,
+        "owner": run.owner,
+        "team": run.team,
+        "state": run.state,
+        "pid": run.process.pid,
+        "host": run.process.host,
+        "alive": alive,
+        "started_at": run.started_at,
+        "ended_at": run.ended_at,
+        "info": run.info,
+    }
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _ps(args: argparse.Namespace, out: TextIO) -> int:
+    from ._control import run_is_alive
+
+    store = _open_store()
+    runs = [] if store is None else store.runs(live_only=not args.all)
+    rows = [_run_dict(r, run_is_alive(r) if r.state not in FINAL_STATES else None) for r in runs]
+    if args.json:
+        out.write(json.dumps(rows) + "\n")
+        return EXIT_OK
+    if not rows:
+        out.write("no live workflows\n" if not args.all else "no runs\n")
+        return EXIT_OK
+    header = f"{'RUN':10} {'WORKFLOW':24} {'OWNER':10} {'TEAM':10} {'STATE':11} {'PID':>7}  STARTED"
+    out.write(header + "\n")
+    for row in rows:
+        state = row["state"]
+        if row["alive"] is False:
+            state += "?"  # its process is gone: termsafe recover settles it
+        owner, team = (row["owner"] or "-")[:10], (row["team"] or "-")[:10]
+        out.write(
+            f"{row['run_id'][:10]:10} {row['workflow_id'][:24]:24} {owner:10} {team:10} "
+            f"{state:11} {row['pid']:>7}  {_when(row['started_at'])}\n"
+        )
+    if any(row["alive"] is False for row in rows):
+        out.write("?: its process is gone; run `termsafe recover`\n")
+    return EXIT_OK
+
+
+def _find(store: SQLiteStore, ident: str) -> list[Run]:
+    """Runs with this run id, else with this workflow id (newest last)."""
+    run = store.run_get(ident)
+    if run is not None:
+        return [run]
+    return [r for r in store.runs() if r.workflow_id == ident]
+
+
+class _Lookup(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _live_socket(ident: str) -> tuple[str, Run]:
+    store = _open_store()
+    if store is None:
+        raise _Lookup(EXIT_NOT_FOUND, f"no store at {_home() / 'store.sqlite3'}: nothing runs")
+    runs = _find(store, ident)
+    live = [r for r in runs if r.state not in FINAL_STATES]
+    if not live:
+        if runs:
+            last = runs[-1]
+            raise _Lookup(
+                EXIT_NOT_FOUND,
+                f"workflow {ident!r} is not running (its last run {last.run_id} is {last.state})",
+            )
+        raise _Lookup(EXIT_NOT_FOUND, f"no workflow or run with id {ident!r}")
+    if len(live) > 1:
+        ids = ", ".join(r.run_id for r in live)
+        raise _Lookup(EXIT_USAGE, f"{len(live)} live runs of {ident!r} ({ids}): give a run id")
+    run = live[0]
+    sock = run.info.get("socket")
+    if not isinstance(sock, str):
+        raise _Lookup(
+            EXIT_NOT_FOUND,
+            f"run {run.run_id} of {ident!r} has no control socket (its host did not serve one)",
+        )
+    return sock, run
+
+
+def _status(args: argparse.Namespace, out: TextIO) -> int:
+    from ._control import ControlClient, run_is_alive
+    from ._exceptions import ControlError
+
+    record: dict[str, Any] = {}
+    sock = args.socket
+    wid = args.id
+    if sock is None:
+        store = _open_store()
+        runs = [] if store is None else _find(store, args.id)
+        if not runs:
+            sys.stderr.write(f"termsafe: no workflow or run with id {args.id!r}\n")
+            return EXIT_NOT_FOUND
+        live = [r for r in runs if r.state not in FINAL_STATES]
+        run = live[-1] if live else runs[-1]
+        alive = run_is_alive(run) if run.state not in FINAL_STATES else None
+        record = _run_dict(run, alive)
+        wid = run.workflow_id
+        sock = run.info.get("socket") if alive else None
+    if isinstance(sock, str):
+        try:
+            with ControlClient(sock, timeout=2.0) as client:
+                live_status = client.status(wid)
+        except ControlError as exc:
+            if args.socket is not None:
+                sys.stderr.write(f"termsafe: {exc}\n")
+                return EXIT_NOT_FOUND
+            record["live"] = None
+            record["unreachable"] = str(exc)
+        else:
+            if live_status is None and args.socket is not None:
+                sys.stderr.write(f"termsafe: {sock} has no workflow {wid!r}\n")
+                return EXIT_NOT_FOUND
+            record["live"] = live_status
+    if args.json:
+        out.write(json.dumps(record) + "\n")
+        return EXIT_OK
+    live_part = record.pop("live", None) or {}
+    info = record.pop("info", {})
+    for key, value in record.items():
+        shown = _when(value) if key in ("started_at", "ended_at") else value
+        out.write(f"{key:14} {'-' if shown is None else shown}\n")
+    for key in ("phase", "kill_reason", "sections", "pending_hooks", "deferred"):
+        if key in live_part:
+            out.write(f"{key:14} {live_part[key]}\n")
+    if info.get("depends_on"):
+        out.write(f"{'depends_on':14} {', '.join(info['depends_on'])}\n")
+    if info.get("argv"):
+        out.write(f"{'command':14} {shlex.join(info['argv'])}\n")
+    return EXIT_OK
+
+
+def _kill(args: argparse.Namespace, out: TextIO) -> int:
+    from ._control import ControlClient
+    from ._exceptions import ControlError
+
+    if not args.reason.strip():
+        raise ValueError("--reason must not be empty (got '')")
+    sock = args.socket
+    wid = args.id
+    if sock is None:
+        try:
+            sock, run = _live_socket(args.id)
+        except _Lookup as exc:
+            sys.stderr.write(f"termsafe: {exc}\n")
+            return exc.code
+        wid = run.workflow_id
+    try:
+        with ControlClient(sock, timeout=args.timeout) as client:
+            answer = client.kill(wid, reason=args.reason, force=args.force)
+    except ControlError as exc:
+        sys.stderr.write(
+            f"termsafe: cannot reach the host of {wid!r}: {exc} "
+            "(if its process died, run `termsafe recover`)\n"
+        )
+        return EXIT_NOT_FOUND
+    if args.json:
+        out.write(json.dumps(answer.as_dict()) + "\n")
+    elif answer.accepted:
+        extra = " (deferred: it lands when the critical section ends)" * (
+            answer.decision == "deferred"
+        )
+        out.write(f"kill of {wid!r} accepted{extra}; it proceeds in the background\n")
+    else:
+        who = answer.principal.get("id", "?")
+        out.write(f"kill of {wid!r} refused: {answer.reason} (you are {who!r})\n")
+    if answer.accepted:
+        return EXIT_OK
+    return EXIT_NOT_FOUND if answer.reason == "Workflow not found" else EXIT_REFUSED
+
+
+def _recover(args: argparse.Namespace, out: TextIO) -> int:
+    import filelock
+
+    from ._audit import JsonlSink
+    from ._recovery import recover
+
+    store = _open_store()
+    if store is None:
+        from ._recovery import RecoverReport
+
+        report = RecoverReport()
+    else:
+        sink = JsonlSink(store.path.parent / "audit.jsonl", fsync="batch")
+        try:
+            report = recover(store, sink=sink, kill_timeout=args.kill_timeout)
+        except filelock.Timeout as exc:
+            sys.stderr.write(f"termsafe: another recovery holds {exc.lock_file}; try again\n")
+            return EXIT_FAILED
+        finally:
+            sink.close()
+    if args.json:
+        out.write(json.dumps(report.as_dict()) + "\n")
+    else:
+        out.write(f"{report}\n")
+    return EXIT_OK if report.clean else EXIT_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._supervisor import Supervisor
+    from ._terminator import Phases
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise ValueError("no command given: termsafe run [options] -- CMD [ARG ...]")
+    cleanups = [shlex.split(c) for c in args.cleanup]
+    for c, argv in zip(args.cleanup, cleanups, strict=True):
+        if not argv:
+            raise ValueError(f"--cleanup needs a command (got {c!r})")
+    sup = Supervisor(
+        cmd,
+        workflow_id=args.workflow_id,
+        owner=args.owner,
+        team=args.team,
+        depends_on=args.depends_on,
+        cascade=not args.no_cascade,
+        phases=Phases(args.graceful, args.forced),
+        control=not args.no_control,
+        verbose=args.verbose,
+    )
+
+    def job(argv: list[str]) -> Any:
+        def run_cleanup(result: RunResult) -> None:
+            env = {
+                **os.environ,
+                "TERMSAFE_RUN_ID": result.run_id,
+                "TERMSAFE_WORKFLOW_ID": result.workflow_id,
+                "TERMSAFE_RUN_STATE": result.state,
+                "TERMSAFE_EXIT_CODE": str(result.exit_code),
+            }
+            done = subprocess.run(argv, env=env, check=False, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"cleanup {shlex.join(argv)!r} exited {done.returncode}")
+
+        return run_cleanup
+
+    for argv in cleanups:
+        sup.add_cleanup_job(job(argv))
+    return sup.run()
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  # noqa: RET503
     """Run the ``termsafe`` command; return its exit code.
 
@@ -102,6 +490,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     Returns:
         The exit code (see the module docstring).
     """
+    from ._exceptions import TermsafeError
+
     stream = out if out is not None else sys.stdout
     parser = _parser()
     args = parser.parse_args(argv)
@@ -114,7 +504,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
             return _audit_verify(args, stream)
         if args.command == "audit" and args.audit_command == "tail":
             return _audit_tail(args, stream)
-    except (OSError, ValueError) as exc:
+        if args.command == "ps":
+            return _ps(args, stream)
+        if args.command == "status":
+            return _status(args, stream)
+        if args.command == "kill":
+            return _kill(args, stream)
+        if args.command == "recover":
+            return _recover(args, stream)
+        if args.command == "run":
+            return _run(args)
+    except (OSError, ValueError, TermsafeError) as exc:
         sys.stderr.write(f"termsafe: error: {exc}\n")
         return EXIT_USAGE
+    finally:
+        while _opened:
+            _opened.pop().close()
     parser.error(f"unknown command {args.command!r}")  # exits with EXIT_USAGE

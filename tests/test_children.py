@@ -31,13 +31,13 @@ TREE = textwrap.dedent(
             subprocess.Popen([sys.executable, __file__, "1"]),
             subprocess.Popen([sys.executable, __file__, "2"]),
         ]
-        print(os.getpid(), flush=True)
+        os.write(1, b"%d\\n" % os.getpid())  # one write: lines never interleave
     elif level == 1:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(os.getpid(), flush=True)
+        os.write(1, b"%d\\n" % os.getpid())  # one write: lines never interleave
     else:
         os.setsid()
-        print(os.getpid(), flush=True)
+        os.write(1, b"%d\\n" % os.getpid())  # one write: lines never interleave
     while True:
         time.sleep(1)
     """
@@ -67,8 +67,13 @@ def _start_tree(script: Path, **kwargs: object) -> tuple[subprocess.Popen[str], 
         **kwargs,
     )
     assert popen.stdout is not None
-    with popen.stdout:
-        pids = [int(popen.stdout.readline()) for _ in range(3)]
+    try:
+        with popen.stdout:
+            pids = [int(popen.stdout.readline()) for _ in range(3)]
+    except BaseException:
+        kill_tree(popen.pid, force=True, timeout=1.0)  # never leave the tree behind
+        popen.wait(10)
+        raise
     return popen, pids
 
 
@@ -93,9 +98,11 @@ class TestKillTree:
             start_new_session=True,
         )
         assert popen.stdout is not None
-        with popen.stdout:
-            pids = [int(popen.stdout.readline()) for _ in range(3)]
-        result = kill_tree(popen.pid, timeout=0.5)
+        try:
+            with popen.stdout:
+                pids = [int(popen.stdout.readline()) for _ in range(3)]
+        finally:
+            result = kill_tree(popen.pid, timeout=0.5)
         popen.wait(10)
         assert [] == _alive(pids)
         assert () == result.survivors
