@@ -298,4 +298,3 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         wf.shield_depth -= 1
-

@@ -47,9 +47,7 @@ class SignalHandlers:
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)
         self._installed = False
-        self._listener = threading.Thread(
-            target=self._listen, name="termsafe-signals", daemon=True
-        )
+        self._listener = threading.Thread(target=self._listen, name="termsafe-signals", daemon=True)
 
     def _install(self) -> None:
         for sig in self.signals:

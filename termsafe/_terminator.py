@@ -596,9 +596,7 @@ class Terminator:
                     wf.transition(S.TERMINATING)
                     if wf.sections:
                         request.deferred = True
-                        request.grace_deadline = now + max(
-                            self._grace_of(s) for s in wf.sections
-                        )
+                        request.grace_deadline = now + max(self._grace_of(s) for s in wf.sections)
                     wf.wake()
                 else:
                     escalate = force and request.phase == "graceful"
@@ -720,9 +718,7 @@ class Terminator:
         wf.cancel_scope_soon()
         self._forced_actions_run(wf, request)
 
-    def _forced_actions_run(
-        self, wf: Workflow, request: KillRequest, *, save: bool = True
-    ) -> None:
+    def _forced_actions_run(self, wf: Workflow, request: KillRequest, *, save: bool = True) -> None:
         if save and wf.last_checkpoint is not None:
             self._pipe.emit(
                 "emergency_save",
@@ -1026,9 +1022,7 @@ class Terminator:
 
             anyio.run(run)
 
-    def _run_hook_inline(
-        self, wf: Workflow, stack: HookStack, hook: Hook
-    ) -> BaseException | None:
+    def _run_hook_inline(self, wf: Workflow, stack: HookStack, hook: Hook) -> BaseException | None:
         """Run a claimed hook in the unwinding workflow's own thread.
 
         Returns a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt,
@@ -1157,9 +1151,7 @@ class Terminator:
         import psutil
 
         with self._lock:
-            keep = [
-                wf for wf in self._orphans if wf.thread is not None and wf.thread.is_alive()
-            ]
+            keep = [wf for wf in self._orphans if wf.thread is not None and wf.thread.is_alive()]
             self._orphans = keep
             procs = list(self._orphan_procs)
         alive = []
@@ -1216,9 +1208,7 @@ class Terminator:
 
     # -- dependents -----------------------------------------------------------------
 
-    def add_dependency_listener(
-        self, fn: Callable[[Workflow, str, WorkflowState], object]
-    ) -> None:
+    def add_dependency_listener(self, fn: Callable[[Workflow, str, WorkflowState], object]) -> None:
         """Call ``fn(dependent, dependency_id, final_state)`` when a dependency of a
         live workflow is terminated or killed (in the thread that ended it).
 
@@ -1394,4 +1384,3 @@ def _set_default_terminator(term: Terminator | None) -> Terminator | None:
     with _default_lock:
         old, _default = _default, term
     return old
-
