@@ -14,20 +14,10 @@ Importing termsafe has no side effects: no signal handler, no thread, no file.
 # table; _permissions: who may kill; _audit: the trail; _metrics; _signals).
 # This file only re-exports them and makes tracebacks show ``termsafe.X``.
 
-from ._alerts import Alert, AlertThresholds
-from ._atomic import atomic_directory, atomic_file
-from ._audit import (
-    Anchor,
-    AuditEvent,
-    AuditSink,
-    JsonlSink,
-    LoggingSink,
-    MemorySink,
-    VerifyReport,
-    redact_fields,
-    verify_audit_log,
-)
-from ._control import AccessPolicy, ControlClient, ControlServer, KillAnswer, serve_control
+import importlib
+import typing as _typing
+
+# Errors are imported at once: they are cheap and are raised from deep inside.
 from ._exceptions import (
     AlreadyRecorded,
     AtomicWriteError,
@@ -58,36 +48,159 @@ from ._exceptions import (
     WaitTimeout,
     WorkflowNotFound,
 )
-from ._git import GitOperation, GitResult, git_operation
-from ._hooks import Hook
-from ._idempotency import (
-    IdempotentCall,
-    idempotent_call,
-    prune_idempotency,
-    resolve_outcome,
-    run_pending_compensations,
-)
-from ._metrics import MetricsHook, MetricsSnapshot, NoopMetricsHook
-from ._permissions import Decision, Principal
-from ._recovery import RecoveredRun, RecoverReport, SweepReport, recover, sweep_journal
-from ._replay import Replay, WorkflowHistory, replay_audit
-from ._sections import CriticalSection, critical_section, shielded
-from ._signals import SignalHandlers, install_signal_handlers
-from ._states import TRANSITIONS, WorkflowState
-from ._supervisor import RunResult, Supervisor
-from ._terminator import KillHandle, Phases, TerminationRequest, Terminator, get_terminator
-from ._transaction import Transaction, transaction
-from ._workflow import (
-    Workflow,
-    WorkflowContext,
-    checkpoint,
-    current_workflow,
-    on_cleanup,
-    on_rollback,
-    request_termination,
-    sleep,
-    workflow,
-)
+
+if _typing.TYPE_CHECKING:
+    from ._alerts import (
+        Alert,
+        AlertThresholds,
+    )
+    from ._atomic import (
+        atomic_directory,
+        atomic_file,
+    )
+    from ._audit import (
+        Anchor,
+        AuditEvent,
+        AuditSink,
+        JsonlSink,
+        LoggingSink,
+        MemorySink,
+        VerifyReport,
+        redact_fields,
+        verify_audit_log,
+    )
+    from ._control import (
+        AccessPolicy,
+        ControlClient,
+        ControlServer,
+        KillAnswer,
+        serve_control,
+    )
+    from ._git import (
+        GitOperation,
+        GitResult,
+        git_operation,
+    )
+    from ._hooks import (
+        Hook,
+    )
+    from ._idempotency import (
+        IdempotentCall,
+        idempotent_call,
+        prune_idempotency,
+        resolve_outcome,
+        run_pending_compensations,
+    )
+    from ._metrics import (
+        MetricsHook,
+        MetricsSnapshot,
+        NoopMetricsHook,
+    )
+    from ._permissions import (
+        Decision,
+        Principal,
+    )
+    from ._recovery import (
+        RecoveredRun,
+        RecoverReport,
+        SweepReport,
+        recover,
+        sweep_journal,
+    )
+    from ._replay import (
+        Replay,
+        WorkflowHistory,
+        replay_audit,
+    )
+    from ._sections import (
+        CriticalSection,
+        critical_section,
+        shielded,
+    )
+    from ._signals import (
+        SignalHandlers,
+        install_signal_handlers,
+    )
+    from ._states import (
+        TRANSITIONS,
+        WorkflowState,
+    )
+    from ._supervisor import (
+        RunResult,
+        Supervisor,
+    )
+    from ._terminator import (
+        KillHandle,
+        Phases,
+        TerminationRequest,
+        Terminator,
+        get_terminator,
+    )
+    from ._transaction import (
+        Transaction,
+        transaction,
+    )
+    from ._workflow import (
+        Workflow,
+        WorkflowContext,
+        checkpoint,
+        current_workflow,
+        on_cleanup,
+        on_rollback,
+        request_termination,
+        sleep,
+        workflow,
+    )
+
+# Everything else is imported on first use (PEP 562): ``import termsafe`` stays
+# cheap for the command line and the pytest plugin, which need little of it.
+_LAZY: dict[str, tuple[str, ...]] = {
+    "_alerts": ("Alert", "AlertThresholds"),
+    "_atomic": ("atomic_directory", "atomic_file"),
+    "_audit": (
+        "Anchor",
+        "AuditEvent",
+        "AuditSink",
+        "JsonlSink",
+        "LoggingSink",
+        "MemorySink",
+        "VerifyReport",
+        "redact_fields",
+        "verify_audit_log",
+    ),
+    "_control": ("AccessPolicy", "ControlClient", "ControlServer", "KillAnswer", "serve_control"),
+    "_git": ("GitOperation", "GitResult", "git_operation"),
+    "_hooks": ("Hook",),
+    "_idempotency": (
+        "IdempotentCall",
+        "idempotent_call",
+        "prune_idempotency",
+        "resolve_outcome",
+        "run_pending_compensations",
+    ),
+    "_metrics": ("MetricsHook", "MetricsSnapshot", "NoopMetricsHook"),
+    "_permissions": ("Decision", "Principal"),
+    "_recovery": ("RecoveredRun", "RecoverReport", "SweepReport", "recover", "sweep_journal"),
+    "_replay": ("Replay", "WorkflowHistory", "replay_audit"),
+    "_sections": ("CriticalSection", "critical_section", "shielded"),
+    "_signals": ("SignalHandlers", "install_signal_handlers"),
+    "_states": ("TRANSITIONS", "WorkflowState"),
+    "_supervisor": ("RunResult", "Supervisor"),
+    "_terminator": ("KillHandle", "Phases", "TerminationRequest", "Terminator", "get_terminator"),
+    "_transaction": ("Transaction", "transaction"),
+    "_workflow": (
+        "Workflow",
+        "WorkflowContext",
+        "checkpoint",
+        "current_workflow",
+        "on_cleanup",
+        "on_rollback",
+        "request_termination",
+        "sleep",
+        "workflow",
+    ),
+}
+_WHERE: dict[str, str] = {name: module for module, names in _LAZY.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -187,12 +300,31 @@ __all__ = [
     "workflow",
 ]
 
-# Tracebacks and reprs name the public path, not the private module.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("termsafe._"):
+
+def _public(obj: _typing.Any) -> _typing.Any:
+    # Tracebacks and reprs name the public path, not the private module.
+    if getattr(obj, "__module__", "").startswith("termsafe._"):
         try:
-            _obj.__module__ = "termsafe"
+            obj.__module__ = "termsafe"
         except (AttributeError, TypeError):
             pass
-del _name, _obj
+    return obj
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'termsafe' has no attribute {name!r}")
+    value = _public(getattr(importlib.import_module(f"termsafe.{module}"), name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+for _name in list(globals()):
+    if _name in __all__:
+        _public(globals()[_name])
+del _name

@@ -69,6 +69,10 @@ AS_NOBODY = textwrap.dedent(
     import os, sys
     import termsafe._cli as cli
     import termsafe._control, termsafe._exceptions
+    # Load what the command needs while the interpreter's files are still
+    # readable: the unprivileged user cannot read a root-owned Python install.
+    cli._parser().format_help()
+    import termsafe._store, termsafe._recovery
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)

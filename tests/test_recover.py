@@ -270,6 +270,7 @@ class TestOrphans:
 WORKER = """
 import json, os, random, signal, sys, time
 import termsafe as ts
+ts.atomic_file, ts.recover  # load the lazily imported modules before forking
 
 seed, trials, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = random.Random(seed)

@@ -328,6 +328,9 @@ class TestKill:
             import os, sys
             import termsafe._cli as cli
             import termsafe._control, termsafe._exceptions
+            # Load what the command needs while root's Python install is readable.
+            cli._parser().format_help()
+            import termsafe._store, termsafe._recovery
             os.setgroups([]); os.setgid(65534); os.setuid(65534)
             sys.exit(cli.main(sys.argv[1:]))
             """
