@@ -386,6 +386,36 @@ class AuditEvent:
         }
 
     @classmethod
+    def _trusted(
+        cls,
+        seq: int,
+        timestamp: str,
+        type_: str,
+        workflow_id: str | None,
+        actor: Mapping[str, Any] | None,
+        reason: str | None,
+        state: str | None,
+        details: Mapping[str, Any],
+    ) -> AuditEvent:
+        """Build an event from termsafe's own, already well-typed values.
+
+        The engine emits tens of thousands of events in a kill storm; the
+        validating constructor costs as much as the rest of an event's path.
+        The stored ``actor``/``details`` are read-only copies, as always.
+        """
+        event = object.__new__(cls)
+        put = object.__setattr__
+        put(event, "seq", seq)
+        put(event, "timestamp", timestamp)
+        put(event, "type", type_)
+        put(event, "workflow_id", workflow_id)
+        put(event, "actor", None if actor is None else types.MappingProxyType(dict(actor)))
+        put(event, "reason", reason)
+        put(event, "state", state)
+        put(event, "details", types.MappingProxyType(dict(details)))
+        return event
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AuditEvent:
         """Rebuild an event from ``as_dict()`` output (or a trail line's ``event``).
 

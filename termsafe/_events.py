@@ -37,7 +37,13 @@ _Item = tuple[
 
 
 class EventPipe:
-    """A queue of events served by one dispatcher thread."""
+    """A queue of events served by one dispatcher thread.
+
+    ``emit`` takes no lock: ``deque.append`` is atomic, and a lock here was
+    the convoy point of kill storms (a workflow thread preempted while holding
+    it stalled every other emitter for a whole switch interval). The
+    dispatcher numbers events in queue order, so ``seq`` follows the trail.
+    """
 
     def __init__(
         self,
@@ -48,28 +54,24 @@ class EventPipe:
         self.sink = sink
         self._on_delivered = on_delivered
         self._on_sink_error = on_sink_error
-        self._queue: collections.deque[tuple[int, _Item]] = collections.deque()
+        self._queue: collections.deque[_Item | threading.Event] = collections.deque()
         self._seq = 0
-        self._delivered = 0
         self._closed = False
         self._listeners: list[Callable[[AuditEvent], None]] = []
         self._reset_threading()
         _track_for_fork(self)
 
     def _reset_threading(self) -> None:
-        # Two conditions on one lock: emit wakes only the dispatcher, and only
-        # when it is idle; the dispatcher wakes flushers after each batch.
         lock = threading.Lock()
-        self._cond = threading.Condition(lock)
-        self._work = threading.Condition(lock)
+        self._work = threading.Condition(lock)  # the idle dispatcher waits here
         self._idle = False
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def _after_fork_in_child(self) -> None:
         # The parent's queued events and dispatcher thread are the parent's:
         # the child starts clean (a lock held at fork time would deadlock it).
         self._queue.clear()
-        self._delivered = self._seq
         self._reset_threading()
 
     def add_listener(self, fn: Callable[[AuditEvent], None]) -> None:
@@ -84,47 +86,51 @@ class EventPipe:
         reason: str | None,
         state: str | None,
         details: Mapping[str, Any],
-    ) -> int:
-        """Queue an event; return its sequence number. Never blocks on the sink."""
-        item = (time.time(), type_, workflow_id, actor, reason, state, details)
-        with self._cond:
-            if self._closed:
-                return -1
-            self._seq += 1
-            seq = self._seq
-            self._queue.append((seq, item))
+    ) -> None:
+        """Queue an event. Never blocks on the sink, takes no lock on the hot path."""
+        if self._closed:
+            return
+        self._queue.append((time.time(), type_, workflow_id, actor, reason, state, details))
+        if self._thread is None:
+            self._start()
+        elif self._idle:
+            self._wake()
+
+    def _start(self) -> None:
+        with self._start_lock:
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="termsafe-audit", daemon=True
-                )
-                self._thread.start()
-            elif self._idle:
+                thread = threading.Thread(target=self._run, name="termsafe-audit", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _wake(self) -> None:
+        with self._work:
+            if self._idle:
                 self._idle = False
                 self._work.notify()
-        return seq
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event emitted so far reached the sink; return whether it did."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            target = self._seq
-            while self._delivered < target and self._thread is not None:
-                if self._closed and not self._thread.is_alive():
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return self._delivered >= target
+        thread = self._thread
+        if thread is None and not self._queue:
+            return True
+        if self._closed and (thread is None or not thread.is_alive()):
+            return not self._queue
+        marker = threading.Event()
+        self._queue.append(marker)  # behind every event emitted before this call
+        if self._thread is None:
+            self._start()
+        elif self._idle:
+            self._wake()
+        return marker.wait(timeout)
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Deliver what is queued, stop the thread and close the sink."""
         self.flush(timeout)
-        with self._cond:
-            self._closed = True
+        self._closed = True
+        with self._work:
             self._work.notify_all()
-            self._cond.notify_all()
-            thread = self._thread
+        thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         try:
@@ -135,46 +141,52 @@ class EventPipe:
     def _run(self) -> None:
         from ._audit import AuditEvent, utc_timestamp
 
+        last_ms, stamp = -1, ""
+        queue = self._queue
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
+            with self._work:
+                while True:
+                    # Idle first, then look: an emitter that appended before
+                    # seeing the flag is found by the look, the rest wake us.
                     self._idle = True
+                    if queue or self._closed:
+                        break
                     self._work.wait()
                 self._idle = False
-                if not self._queue and self._closed:
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
-            for seq, (ts, type_, wid, actor, reason, state, details) in batch:
-                event = AuditEvent(
-                    seq=seq,
-                    timestamp=utc_timestamp(ts),
-                    type=type_,
-                    workflow_id=wid,
-                    actor=actor,
-                    reason=reason,
-                    state=state,
-                    details=details,
-                )
+            if self._closed and not queue:
+                return
+            while queue:
+                item = queue.popleft()
+                if isinstance(item, threading.Event):
+                    item.set()
+                    continue
+                ts, type_, wid, actor, reason, state, details = item
+                self._seq += 1
+                seq = self._seq
+                ms = int(ts * 1000)
+                if ms != last_ms:
+                    # Events of a burst share their millisecond: format it once.
+                    last_ms, stamp = ms, utc_timestamp(ts)
+                event = AuditEvent._trusted(seq, stamp, type_, wid, actor, reason, state, details)
+                error: Exception | None = None
                 try:
                     self.sink.emit(event)
                 except Exception as exc:
                     log.exception("termsafe: audit sink failed on event %s %s", seq, type_)
-                    self._on_delivered(False)
-                    try:
-                        self._on_sink_error(event, exc)
-                    except Exception:
-                        log.exception("termsafe: sink-error callback failed")
-                else:
-                    self._on_delivered(True)
+                    error = exc
+                ok = error is None
+                try:
+                    # Callbacks must never kill the dispatcher: flush() waits on it.
+                    self._on_delivered(ok)
+                    if error is not None:
+                        self._on_sink_error(event, error)
+                except Exception:
+                    log.exception("termsafe: audit delivery callback failed")
                 for listener in self._listeners:
                     try:
                         listener(event)
                     except Exception:
                         log.exception("termsafe: audit listener %r failed", listener)
-            with self._cond:
-                self._delivered = batch[-1][0]
-                self._cond.notify_all()
 
 
 _forkable: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -57,6 +57,8 @@ _current: ContextVar[Workflow | None] = ContextVar("termsafe_current_workflow", 
 Probe = Callable[["Workflow", str, "str | None"], None]
 
 S = WorkflowState
+#: A sleeper due to wake within this many seconds is not woken early by a kill.
+_WAKE_SLACK: Final = 0.002
 _NO_STATE: Final = object()
 
 
@@ -82,6 +84,8 @@ class Workflow:
         "_hooks",
         "_loop_call",
         "_scope",
+        "_sleep_until",
+        "_sleepers",
         "abandoned",
         "backend",
         "cascade",
@@ -139,6 +143,8 @@ class Workflow:
         self.ended_at: float | None = None
         self._hooks: HookStack | None = None
         self._cond: threading.Condition | None = None
+        self._sleepers = 0
+        self._sleep_until = 0.0
         self._done: threading.Event | None = None
         self._loop_call: Callable[[Callable[[], object]], object] | None = None
         self._scope: anyio.CancelScope | None = None
@@ -216,8 +222,14 @@ class Workflow:
     def wake(self) -> None:
         """Wake ``sleep()`` callers so they re-check the kill (lock held)."""
         cond = self._cond
-        if cond is not None:
-            cond.notify_all()
+        if cond is None or not self._sleepers:
+            return
+        if self._sleepers == 1 and self._sleep_until - time.monotonic() <= _WAKE_SLACK:
+            # It wakes on its own within the slack and sees the kill then; a
+            # kill storm that woke every such thread at once would starve the
+            # killing thread of the GIL.
+            return
+        cond.notify_all()
 
     def call_in_loop(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` soon on the workflow's event loop (no-op for thread workflows)."""
@@ -804,7 +816,12 @@ def sleep(seconds: float) -> None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            cond.wait(remaining)
+            wf._sleepers += 1
+            wf._sleep_until = deadline
+            try:
+                cond.wait(remaining)
+            finally:
+                wf._sleepers -= 1
     raise exc
 
 
