@@ -114,6 +114,8 @@ class EventPipe:
         thread = self._thread
         if thread is None and not self._queue:
             return True
+        if thread is threading.current_thread():
+            return False  # a listener flushing would wait for itself
         if self._closed and (thread is None or not thread.is_alive()):
             return not self._queue
         marker = threading.Event()

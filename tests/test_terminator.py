@@ -867,3 +867,23 @@ TestTerminatorMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class TestFlushFromListener:
+    def test_listener_that_flushes_does_not_deadlock(self, make_term: TermFactory) -> None:
+        """A listener calling flush() on the audit thread gets False instead of waiting on itself."""
+        term = make_term()
+        answers: list[bool] = []
+        done = threading.Event()
+
+        def listener(event: termsafe.AuditEvent) -> None:
+            if event.type == "workflow_finished":
+                answers.append(term.flush())  # no timeout: waiting on itself would hang
+                done.set()
+
+        term.add_event_listener(listener)
+        with term.workflow("w"):
+            pass
+        assert done.wait(WAIT)
+        assert [False] == answers
+        assert term.flush(WAIT)
