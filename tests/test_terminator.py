@@ -871,7 +871,7 @@ TestTerminatorMachine.settings = settings(
 
 class TestFlushFromListener:
     def test_listener_that_flushes_does_not_deadlock(self, make_term: TermFactory) -> None:
-        """A listener calling flush() on the audit thread gets False instead of waiting on itself."""
+        """A listener calling flush() on the audit thread gets False, not a wait on itself."""
         term = make_term()
         answers: list[bool] = []
         done = threading.Event()
