@@ -25,7 +25,6 @@ Errors (something is wrong and the caller should know)::
     ├── GitCommandFailed(RuntimeError)       a git command exited non-zero: argv, status, stderr
     ├── GitRollbackFailed(RuntimeError)      a repository could not be restored; journal kept
     ├── OperationClosed(RuntimeError)        a safe operation used after it ended
-    ├── HookFailed(RuntimeError)             one or more hooks raised or timed out
     ├── ControlError(ConnectionError)        a control socket unreachable, or a bad answer
     └── AuditTampered(ValueError)            replay_audit() refused a trail that fails verification
 
@@ -40,7 +39,10 @@ Control flow (not errors; derive from ``BaseException``)::
 by the ``except Exception:`` blocks that ordinary workflow code is full of.
 
 Every exception survives pickling with its structured attributes, so it can cross
-a process boundary (``concurrent.futures``, ``multiprocessing``).
+a process boundary (``concurrent.futures``, ``multiprocessing``): each passes its
+constructor's arguments to ``super().__init__``, so ``BaseException``'s own
+``__reduce__`` rebuilds it; only the ``OSError`` subclasses, whose ``args`` are
+``(errno, strerror)``, define ``__reduce__``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ __all__ = [
     "ForcedTermination",
     "GitCommandFailed",
     "GitRollbackFailed",
-    "HookFailed",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
     "InvalidArgumentType",
@@ -107,8 +108,6 @@ class UnknownSectionKind(ConfigurationError, KeyError):
     def __str__(self) -> str:
         return f"unknown critical section kind {self.kind!r} (known: {', '.join(self.known)})"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.kind, self.known))
 
 
 class InvalidArgumentType(TermsafeError, TypeError):
@@ -129,8 +128,6 @@ class WorkflowNotFound(TermsafeError, LookupError):
     def __str__(self) -> str:
         return f"no workflow with id {self.workflow_id!r}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id,))
 
 
 class DuplicateWorkflow(TermsafeError, ValueError):
@@ -147,8 +144,6 @@ class DuplicateWorkflow(TermsafeError, ValueError):
     def __str__(self) -> str:
         return f"a live workflow already has id {self.workflow_id!r}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id,))
 
 
 class NoActiveWorkflow(TermsafeError, RuntimeError):
@@ -173,8 +168,6 @@ class InvalidTransition(TermsafeError, RuntimeError):
     def __str__(self) -> str:
         return f"workflow {self.workflow_id!r} cannot go from {self.old!r} to {self.new!r}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id, self.old, self.new))
 
 
 class KillRefused(TermsafeError, PermissionError):
@@ -194,8 +187,6 @@ class KillRefused(TermsafeError, PermissionError):
     def __str__(self) -> str:
         return f"kill of workflow {self.workflow_id!r} refused: {self.decision.reason}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id, self.decision))
 
 
 class TerminatorClosed(TermsafeError, RuntimeError):
@@ -218,8 +209,6 @@ class WaitTimeout(TermsafeError, TimeoutError):
     def __str__(self) -> str:
         return f"workflow {self.workflow_id!r} did not finish within {self.timeout}s"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id, self.timeout))
 
 
 class StoreCorrupt(TermsafeError, RuntimeError):
@@ -240,8 +229,6 @@ class StoreCorrupt(TermsafeError, RuntimeError):
     def __str__(self) -> str:
         return f"store {self.path!r} {self.problem}; it was left untouched"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.problem))
 
 
 class IdempotencyKeyReused(TermsafeError, ValueError):
@@ -258,8 +245,6 @@ class IdempotencyKeyReused(TermsafeError, ValueError):
     def __str__(self) -> str:
         return f"idempotency key {self.key!r} was already used with a different request"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.key,))
 
 
 class IdempotencyConflict(TermsafeError, RuntimeError):
@@ -280,8 +265,6 @@ class IdempotencyConflict(TermsafeError, RuntimeError):
     def __str__(self) -> str:
         return f"idempotency key {self.key!r} is in flight in pid {self.pid} on {self.host!r}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.key, self.pid, self.host))
 
 
 class OutcomeUnknown(TermsafeError, RuntimeError):
@@ -305,8 +288,6 @@ class OutcomeUnknown(TermsafeError, RuntimeError):
             "the side effect may have started"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.key,))
 
 
 class LeaseLost(TermsafeError, RuntimeError):
@@ -330,8 +311,6 @@ class LeaseLost(TermsafeError, RuntimeError):
             f"the key is now at epoch {self.current_epoch}"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.key, self.epoch, self.current_epoch))
 
 
 class AlreadyRecorded(TermsafeError, RuntimeError):
@@ -357,8 +336,6 @@ class AlreadyRecorded(TermsafeError, RuntimeError):
             "must not run: check call.replayed (or use call.run(fn) / the decorator)"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.key, self.action))
 
 
 class AtomicWriteError(TermsafeError, OSError):
@@ -428,8 +405,6 @@ class TransactionStateError(TermsafeError, RuntimeError):
     def __str__(self) -> str:
         return f"transaction() on {self.connection}: {self.problem}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.connection, self.problem))
 
 
 class NotAGitRepository(ConfigurationError):
@@ -448,8 +423,6 @@ class NotAGitRepository(ConfigurationError):
     def __str__(self) -> str:
         return f"{self.path!r} is not a git repository: {self.detail}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.detail))
 
 
 class GitCommandFailed(TermsafeError, RuntimeError):
@@ -476,8 +449,6 @@ class GitCommandFailed(TermsafeError, RuntimeError):
             f"{' '.join(self.argv)!r} in {self.repo!r} exited with status {self.returncode}{said}"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.argv, self.returncode, self.stderr, self.repo))
 
 
 class GitRollbackFailed(TermsafeError, RuntimeError):
@@ -498,8 +469,6 @@ class GitRollbackFailed(TermsafeError, RuntimeError):
     def __str__(self) -> str:
         return f"could not restore git repository {self.repo!r}: {self.problem}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.repo, self.problem))
 
 
 class OperationClosed(TermsafeError, RuntimeError):
@@ -518,31 +487,6 @@ class OperationClosed(TermsafeError, RuntimeError):
     def __str__(self) -> str:
         return f"{self.operation} has already ended ({self.state}); start a new one"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.operation, self.state))
-
-
-class HookFailed(TermsafeError, RuntimeError):
-    """One or more rollback/cleanup hooks raised or timed out.
-
-    Every hook still ran; this reports the ones that did not succeed.
-
-    Attributes:
-        workflow_id: The workflow whose hooks ran.
-        failures: ``(hook name, error text)`` pairs in the order they ran.
-    """
-
-    def __init__(self, workflow_id: str, failures: tuple[tuple[str, str], ...]) -> None:
-        self.workflow_id = workflow_id
-        self.failures = failures
-        super().__init__(workflow_id, failures)
-
-    def __str__(self) -> str:
-        parts = "; ".join(f"{name}: {err}" for name, err in self.failures)
-        return f"{len(self.failures)} hook(s) of workflow {self.workflow_id!r} failed: {parts}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id, self.failures))
 
 
 class ControlError(TermsafeError, ConnectionError):
@@ -586,8 +530,6 @@ class AuditTampered(TermsafeError, ValueError):
             f"{self.report.message}); pass allow_tampered=True to replay it anyway"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.report))
 
 
 class Terminated(BaseException):
@@ -611,8 +553,6 @@ class Terminated(BaseException):
     def __str__(self) -> str:
         return f"workflow {self.workflow_id!r} terminated: {self.reason or 'no reason given'}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.workflow_id, self.reason))
 
 
 class ForcedTermination(Terminated):

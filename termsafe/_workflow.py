@@ -59,7 +59,6 @@ Probe = Callable[["Workflow", str, "str | None"], None]
 S = WorkflowState
 #: A sleeper due to wake within this many seconds is not woken early by a kill.
 _WAKE_SLACK: Final = 0.002
-_NO_STATE: Final = object()
 
 
 class Workflow:

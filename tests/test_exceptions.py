@@ -12,7 +12,6 @@ from termsafe import (
     Decision,
     DuplicateWorkflow,
     ForcedTermination,
-    HookFailed,
     InvalidArgumentType,
     InvalidTransition,
     KillRefused,
@@ -38,7 +37,6 @@ INSTANCES: list[BaseException] = [
     KillRefused("nightly", Decision(False, "Insufficient permissions")),
     WaitTimeout("nightly", 1.5),
     _exceptions.TerminatorClosed("cannot kill 'w': this terminator is closed"),
-    HookFailed("nightly", (("close_db", "ValueError: boom"), ("rm_tmp", "timed out after 1s"))),
     _exceptions.StoreCorrupt("/tmp/store.db", "is not a SQLite database"),
     _exceptions.IdempotencyKeyReused("pay-42"),
     _exceptions.IdempotencyConflict("pay-42", 1234, "host-a"),
@@ -135,7 +133,6 @@ class TestErrorTree:
             (InvalidTransition, RuntimeError),
             (KillRefused, PermissionError),
             (WaitTimeout, TimeoutError),
-            (HookFailed, RuntimeError),
             (_exceptions.StoreCorrupt, RuntimeError),
             (_exceptions.IdempotencyKeyReused, ValueError),
             (_exceptions.IdempotencyConflict, RuntimeError),
@@ -183,9 +180,3 @@ class TestMessages:
         exc = KillRefused("ghost", decision)
         assert decision == exc.decision
         assert "kill of workflow 'ghost' refused: Workflow not found" == str(exc)
-
-    def test_hook_failed_lists_failures(self) -> None:
-        """HookFailed names each failed hook and its error."""
-        exc = HookFailed("w", (("a", "ValueError: x"), ("b", "timed out after 1s")))
-        expected = "2 hook(s) of workflow 'w' failed: a: ValueError: x; b: timed out after 1s"
-        assert expected == str(exc)
