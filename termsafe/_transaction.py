@@ -376,9 +376,10 @@ class Transaction(Generic[C]):
 def _commit_step(scope: OperationScope) -> contextlib.AbstractContextManager[None]:
     """``scope.committing()``, or only ``shielded()`` inside an open critical section.
 
-    A section refuses entry while a kill is pending, even one that an
-    enclosing section defers; the enclosing section already holds the kill
-    back until it ends, so the commit it contains must go through.
+    Inside the caller's own section the commit is part of the work that section
+    is finishing: it must go through even when that section's grace has run
+    out (entering a nested section would then raise ``ForcedTermination`` and
+    roll back work the body already completed).
     """
     wf = scope.workflow
     if wf is not None and wf.sections:
