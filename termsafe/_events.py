@@ -58,6 +58,10 @@ class EventPipe:
         self._seq = 0
         self._closed = False
         self._listeners: list[Callable[[AuditEvent], None]] = []
+        # Events the dispatcher emits from its own callbacks (an alert raised
+        # by a failing sink, a listener that kills): flush() waits for them too.
+        self._in_callbacks = False
+        self._derived = 0
         self._reset_threading()
         _track_for_fork(self)
 
@@ -90,6 +94,8 @@ class EventPipe:
         """Queue an event. Never blocks on the sink, takes no lock on the hot path."""
         if self._closed:
             return
+        if self._in_callbacks and threading.current_thread() is self._thread:
+            self._derived += 1
         self._queue.append((time.time(), type_, workflow_id, actor, reason, state, details))
         if self._thread is None:
             self._start()
@@ -118,13 +124,21 @@ class EventPipe:
             return False  # a listener flushing would wait for itself
         if self._closed and (thread is None or not thread.is_alive()):
             return not self._queue
-        marker = threading.Event()
-        self._queue.append(marker)  # behind every event emitted before this call
-        if self._thread is None:
-            self._start()
-        elif self._idle:
-            self._wake()
-        return marker.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            derived = self._derived
+            marker = threading.Event()
+            self._queue.append(marker)  # behind every event emitted before this call
+            if self._thread is None:
+                self._start()
+            elif self._idle:
+                self._wake()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not marker.wait(left):
+                return False
+            if self._derived == derived:
+                return True
+            # Delivering what was ahead of the marker emitted more (behind it).
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Deliver what is queued, stop the thread and close the sink."""
@@ -177,6 +191,7 @@ class EventPipe:
                     log.exception("termsafe: audit sink failed on event %s %s", seq, type_)
                     error = exc
                 ok = error is None
+                self._in_callbacks = True
                 try:
                     # Callbacks must never kill the dispatcher: flush() waits on it.
                     self._on_delivered(ok)
@@ -189,6 +204,7 @@ class EventPipe:
                         listener(event)
                     except Exception:
                         log.exception("termsafe: audit listener %r failed", listener)
+                self._in_callbacks = False
 
 
 _forkable: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -185,6 +185,7 @@ class TestTerminatorAlerts:
             assert entered.wait(10)
             assert ts.WorkflowState.TERMINATED == term.kill("w", by=ADMIN).wait(10)
             thread.join(10)
+            assert term.flush(10)  # also waits for the alert the failures raised
             snap = term.metrics()
             assert snap.events_dropped >= 3
             assert 0 == snap.events_emitted

@@ -887,3 +887,50 @@ class TestFlushFromListener:
         assert done.wait(WAIT)
         assert [False] == answers
         assert term.flush(WAIT)
+
+    def test_flush_waits_for_events_a_listener_emits(self, make_term: TermFactory) -> None:
+        """flush() also covers events the dispatcher's own callbacks emitted while draining."""
+
+        class SlowForSecond(termsafe.MemorySink):
+            def emit(self, event: termsafe.AuditEvent) -> None:
+                if event.workflow_id == "second":
+                    # Widens the window only: without the wait in flush() the
+                    # caller looks long before this returns; with it, after.
+                    time.sleep(0.2)
+                super().emit(event)
+
+        sink = SlowForSecond()
+        term = make_term(sink=sink)
+        started = threading.Event()
+        release = threading.Event()
+
+        def listener(event: termsafe.AuditEvent) -> None:
+            if event.type == "workflow_started" and event.workflow_id == "first":
+                started.set()
+                assert release.wait(WAIT)  # hold the dispatcher until flush() queued its marker
+                with term.workflow("second"):  # emitted from the dispatcher, behind the marker
+                    pass
+
+        term.add_event_listener(listener)
+        with term.workflow("first"):
+            pass
+        assert started.wait(WAIT)
+        seen: list[tuple[bool, list[tuple[str, str | None]]]] = []
+
+        def flusher() -> None:
+            ok = term.flush(WAIT)
+            seen.append((ok, [(e.type, e.workflow_id) for e in sink.events]))
+
+        thread = threading.Thread(target=flusher)
+        thread.start()
+        # The marker must be queued before the listener is released.
+        deadline = time.monotonic() + WAIT
+        while not any(isinstance(i, threading.Event) for i in list(term._pipe._queue)):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        release.set()
+        thread.join(WAIT)
+        assert 1 == len(seen)
+        ok, delivered = seen[0]
+        assert ok
+        assert ("workflow_finished", "second") in delivered
