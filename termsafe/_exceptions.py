@@ -109,7 +109,6 @@ class UnknownSectionKind(ConfigurationError, KeyError):
         return f"unknown critical section kind {self.kind!r} (known: {', '.join(self.known)})"
 
 
-
 class InvalidArgumentType(TermsafeError, TypeError):
     """An argument of the wrong type (a non-callable hook, a number for an id, ...)."""
 
@@ -129,7 +128,6 @@ class WorkflowNotFound(TermsafeError, LookupError):
         return f"no workflow with id {self.workflow_id!r}"
 
 
-
 class DuplicateWorkflow(TermsafeError, ValueError):
     """A live workflow already uses this id.
 
@@ -143,7 +141,6 @@ class DuplicateWorkflow(TermsafeError, ValueError):
 
     def __str__(self) -> str:
         return f"a live workflow already has id {self.workflow_id!r}"
-
 
 
 class NoActiveWorkflow(TermsafeError, RuntimeError):
@@ -169,7 +166,6 @@ class InvalidTransition(TermsafeError, RuntimeError):
         return f"workflow {self.workflow_id!r} cannot go from {self.old!r} to {self.new!r}"
 
 
-
 class KillRefused(TermsafeError, PermissionError):
     """``Terminator.kill()`` refused the request.
 
@@ -186,7 +182,6 @@ class KillRefused(TermsafeError, PermissionError):
 
     def __str__(self) -> str:
         return f"kill of workflow {self.workflow_id!r} refused: {self.decision.reason}"
-
 
 
 class TerminatorClosed(TermsafeError, RuntimeError):
@@ -210,7 +205,6 @@ class WaitTimeout(TermsafeError, TimeoutError):
         return f"workflow {self.workflow_id!r} did not finish within {self.timeout}s"
 
 
-
 class StoreCorrupt(TermsafeError, RuntimeError):
     """The store's path holds something that is not a (readable) termsafe store.
 
@@ -230,7 +224,6 @@ class StoreCorrupt(TermsafeError, RuntimeError):
         return f"store {self.path!r} {self.problem}; it was left untouched"
 
 
-
 class IdempotencyKeyReused(TermsafeError, ValueError):
     """The idempotency key was already used with a different request.
 
@@ -244,7 +237,6 @@ class IdempotencyKeyReused(TermsafeError, ValueError):
 
     def __str__(self) -> str:
         return f"idempotency key {self.key!r} was already used with a different request"
-
 
 
 class IdempotencyConflict(TermsafeError, RuntimeError):
@@ -264,7 +256,6 @@ class IdempotencyConflict(TermsafeError, RuntimeError):
 
     def __str__(self) -> str:
         return f"idempotency key {self.key!r} is in flight in pid {self.pid} on {self.host!r}"
-
 
 
 class OutcomeUnknown(TermsafeError, RuntimeError):
@@ -289,7 +280,6 @@ class OutcomeUnknown(TermsafeError, RuntimeError):
         )
 
 
-
 class LeaseLost(TermsafeError, RuntimeError):
     """Fencing: this run's claim was taken over, so it may not record anything.
 
@@ -310,7 +300,6 @@ class LeaseLost(TermsafeError, RuntimeError):
             f"lease on {self.key!r} lost: this run holds epoch {self.epoch}, "
             f"the key is now at epoch {self.current_epoch}"
         )
-
 
 
 class AlreadyRecorded(TermsafeError, RuntimeError):
@@ -335,7 +324,6 @@ class AlreadyRecorded(TermsafeError, RuntimeError):
             f"idempotent call {self.key!r} already has a recorded result, so {self.action}() "
             "must not run: check call.replayed (or use call.run(fn) / the decorator)"
         )
-
 
 
 class AtomicWriteError(TermsafeError, OSError):
@@ -406,7 +394,6 @@ class TransactionStateError(TermsafeError, RuntimeError):
         return f"transaction() on {self.connection}: {self.problem}"
 
 
-
 class NotAGitRepository(ConfigurationError):
     """``git_operation()`` was given a path that is not inside a git repository.
 
@@ -422,7 +409,6 @@ class NotAGitRepository(ConfigurationError):
 
     def __str__(self) -> str:
         return f"{self.path!r} is not a git repository: {self.detail}"
-
 
 
 class GitCommandFailed(TermsafeError, RuntimeError):
@@ -450,7 +436,6 @@ class GitCommandFailed(TermsafeError, RuntimeError):
         )
 
 
-
 class GitRollbackFailed(TermsafeError, RuntimeError):
     """A repository could not be put back to the state ``git_operation()`` recorded.
 
@@ -470,7 +455,6 @@ class GitRollbackFailed(TermsafeError, RuntimeError):
         return f"could not restore git repository {self.repo!r}: {self.problem}"
 
 
-
 class OperationClosed(TermsafeError, RuntimeError):
     """A safe operation's object was used after the operation ended.
 
@@ -486,7 +470,6 @@ class OperationClosed(TermsafeError, RuntimeError):
 
     def __str__(self) -> str:
         return f"{self.operation} has already ended ({self.state}); start a new one"
-
 
 
 class ControlError(TermsafeError, ConnectionError):
@@ -531,7 +514,6 @@ class AuditTampered(TermsafeError, ValueError):
         )
 
 
-
 class Terminated(BaseException):
     """Raised inside a workflow at a cancellation point when it is being killed.
 
@@ -552,7 +534,6 @@ class Terminated(BaseException):
 
     def __str__(self) -> str:
         return f"workflow {self.workflow_id!r} terminated: {self.reason or 'no reason given'}"
-
 
 
 class ForcedTermination(Terminated):
