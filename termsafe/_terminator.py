@@ -640,13 +640,20 @@ class Terminator:
         sections: list[tuple[str, float]],
     ) -> None:
         actor = by.as_dict()
+        forced_in, system_in = self._deadlines_in(force, sections)
         self._pipe.emit(
             "kill_requested",
             wf.id,
             actor,
             reason,
             S.TERMINATING.value,
-            {"force": force, "phase": request.phase},
+            {
+                "force": force,
+                "phase": request.phase,
+                # Where the ladder stands, for post-mortems (``termsafe timeline``).
+                "forced_deadline_in": round(forced_in, 3),
+                "system_deadline_in": round(system_in, 3),
+            },
         )
         if request.deferred:
             self._pipe.emit(
@@ -668,14 +675,22 @@ class Terminator:
             # An unknown kind was refused at entry; this is belt and braces.
             return 0.0
 
+    def _deadlines_in(self, force: bool, sections: list[tuple[str, float]]) -> tuple[float, float]:
+        """Seconds from a kill request to its forced phase and to its system phase."""
+        phases = self.phases
+        forced_in = 0.0 if force else phases.graceful
+        system_in = forced_in + phases.forced
+        if sections:
+            # A section is never cut before its grace, and then gets a forced window.
+            system_in = max(system_in, max(g for _, g in sections) + phases.forced)
+        return forced_in, system_in
+
     def _schedule(
         self, wf: Workflow, request: KillRequest, now: float, sections: list[tuple[str, float]]
     ) -> None:
-        phases = self.phases
         graces = sorted({g for _, g in sections})
-        system_at = now + (0.0 if request.force else phases.graceful) + phases.forced
-        if graces:
-            system_at = max(system_at, now + graces[-1] + phases.forced)
+        forced_in, system_in = self._deadlines_in(request.force, sections)
+        system_at = now + system_in
         # Set before any deadline is queued: a zero-length phase fires at once.
         request.system_at = system_at
         for grace in graces:
@@ -686,7 +701,7 @@ class Terminator:
         else:
             # One deadline per kill: the forced phase queues the system phase.
             self._timer.call_at(
-                now + phases.graceful, lambda: self._phase_forced(wf, request, escalated=False)
+                now + forced_in, lambda: self._phase_forced(wf, request, escalated=False)
             )
 
     # -- the ladder ---------------------------------------------------------------
