@@ -651,8 +651,8 @@ class Terminator:
                 "force": force,
                 "phase": request.phase,
                 # Where the ladder stands, for post-mortems (``termsafe timeline``).
-                "forced_deadline_in": round(forced_in, 3),
-                "system_deadline_in": round(system_in, 3),
+                "forced_deadline_in": round(float(forced_in), 3),
+                "system_deadline_in": round(float(system_in), 3),
             },
         )
         if request.deferred:
