@@ -135,6 +135,9 @@ if _typing.TYPE_CHECKING:
         Terminator,
         get_terminator,
     )
+    from ._timeline import (
+        render_timeline_svg,
+    )
     from ._transaction import (
         Transaction,
         transaction,
@@ -186,6 +189,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "_states": ("TRANSITIONS", "WorkflowState"),
     "_supervisor": ("RunResult", "Supervisor"),
     "_terminator": ("KillHandle", "Phases", "TerminationRequest", "Terminator", "get_terminator"),
+    "_timeline": ("render_timeline_svg",),
     "_transaction": ("Transaction", "transaction"),
     "_workflow": (
         "Workflow",
@@ -285,6 +289,7 @@ __all__ = [
     "prune_idempotency",
     "recover",
     "redact_fields",
+    "render_timeline_svg",
     "replay_audit",
     "request_termination",
     "resolve_outcome",
