@@ -10,7 +10,8 @@ Exit codes:
   bad value;
 * 3: ``kill`` refused: insufficient permissions, or the workflow has finished;
 * 4: ``kill``/``status``: no live workflow with that id, or its host process
-  cannot be reached (it may have died: ``termsafe recover``).
+  cannot be reached (it may have died: ``termsafe recover``); ``timeline``: no
+  such workflow (or, without ``--workflow``, no killed one) in the trail.
 
 ``run`` exits with the command's own code (128 + N when signal N ended it,
 127 when it was not found, 126 when it could not be executed), like a shell.
@@ -100,6 +101,32 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (default 5)"
     )
     kill.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    timeline = sub.add_parser(
+        "timeline",
+        help="draw a workflow's termination timeline from an audit trail (SVG)",
+        description=(
+            "Draw a workflow's termination timeline from a JSONL audit trail as a "
+            "standalone SVG: the phases and their deadlines, the critical sections "
+            "that deferred the kill, every hook in the order it ran (LIFO), the "
+            "final state. The trail's hash chain is verified first."
+        ),
+    )
+    timeline.add_argument("path", type=Path, help="the audit trail (a JsonlSink file)")
+    timeline.add_argument(
+        "--workflow",
+        metavar="ID",
+        help="the workflow to draw (default: the last one killed in the trail; "
+        "a child killed with its parent yields to the parent)",
+    )
+    timeline.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="OUT.svg",
+        help="write the SVG to this file (default: standard output)",
+    )
+    timeline.add_argument("--key-file", type=Path, help="file holding the HMAC key (raw bytes)")
 
     recover = sub.add_parser("recover", help="clean up after processes that died")
     recover.add_argument(
@@ -196,6 +223,47 @@ def _audit_tail(args: argparse.Namespace, out: TextIO) -> int:
             f"#{rec['seq']:<5} {ev['timestamp']} {ev['type']:18} {ev.get('workflow_id') or '-':16} "
             f"{ev.get('state') or '-':12} {actor:10} {ev.get('reason') or ''}\n"
         )
+    return EXIT_OK
+
+
+def _timeline(args: argparse.Namespace, out: TextIO) -> int:
+    from ._exceptions import AuditTampered
+    from ._replay import replay_audit
+    from ._timeline import render_timeline_svg, select_workflow
+
+    path = args.path
+    if not path.is_file():
+        sys.stderr.write(f"termsafe: error: no audit trail at {str(path)!r}\n")
+        return EXIT_USAGE
+    key = args.key_file.read_bytes() if args.key_file is not None else None
+    try:
+        replay = replay_audit(path, key=key)
+    except AuditTampered as exc:
+        sys.stderr.write(
+            f"termsafe: {str(path)!r} does not verify, no timeline drawn: {exc.report.message}\n"
+        )
+        return EXIT_FAILED
+    ids = list(replay.workflows)
+    shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+    has = f"it has: {shown}" if ids else "it has no workflow events"
+    wid = args.workflow
+    if wid is None:
+        wid = select_workflow(e for h in replay.workflows.values() for e in h.timeline)
+        if wid is None:
+            sys.stderr.write(
+                f"termsafe: no workflow was killed in {str(path)!r}; "
+                f"choose one with --workflow ({has})\n"
+            )
+            return EXIT_NOT_FOUND
+    elif wid not in replay:
+        sys.stderr.write(f"termsafe: no workflow {wid!r} in {str(path)!r} ({has})\n")
+        return EXIT_NOT_FOUND
+    svg = render_timeline_svg(replay[wid].timeline, wid)
+    if args.output is None:
+        out.write(svg)
+    else:
+        args.output.write_text(svg, encoding="utf-8")
+        out.write(f"timeline of {wid!r} written to {str(args.output)!r}\n")
     return EXIT_OK
 
 
@@ -512,6 +580,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
             return _kill(args, stream)
         if args.command == "recover":
             return _recover(args, stream)
+        if args.command == "timeline":
+            return _timeline(args, stream)
         if args.command == "run":
             return _run(args)
     except (OSError, ValueError, TermsafeError) as exc:
