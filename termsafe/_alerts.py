@@ -95,6 +95,8 @@ class AlertEngine:
     def _change(
         self, rule: str, level: str | None, value: float, threshold: float, message: str
     ) -> Alert | None:
+        if self._levels.get(rule) == level:
+            return None  # the common case, decided without the lock
         with self._lock:
             old = self._levels.get(rule)
             if old == level:

@@ -54,7 +54,11 @@ class EventPipe:
         self.sink = sink
         self._on_delivered = on_delivered
         self._on_sink_error = on_sink_error
-        self._queue: collections.deque[_Item | threading.Event] = collections.deque()
+        # Items: events, flush markers (Events to set) and calls to make once
+        # everything queued before them was delivered.
+        self._queue: collections.deque[_Item | threading.Event | Callable[[], object]] = (
+            collections.deque()
+        )
         self._seq = 0
         self._closed = False
         self._listeners: list[Callable[[AuditEvent], None]] = []
@@ -101,6 +105,28 @@ class EventPipe:
             self._start()
         elif self._idle:
             self._wake()
+
+    def on_dispatcher(self) -> bool:
+        """Whether the calling thread is the dispatcher (an audit listener)."""
+        thread = self._thread
+        return thread is not None and thread is threading.current_thread()
+
+    def call_when_delivered(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` on the dispatcher once every event emitted so far was delivered.
+
+        Never blocks. On a closed pipe ``fn`` is called at once. ``fn`` may be
+        called twice if the pipe closes meanwhile: it must be idempotent.
+        """
+        if not self._closed:
+            self._queue.append(fn)
+            if self._thread is None:
+                self._start()
+            elif self._idle:
+                self._wake()
+            if not self._closed:
+                return
+            # Closed meanwhile: the dispatcher may have left without it.
+        fn()
 
     def _start(self) -> None:
         with self._start_lock:
@@ -173,8 +199,14 @@ class EventPipe:
                 return
             while queue:
                 item = queue.popleft()
-                if isinstance(item, threading.Event):
-                    item.set()
+                if not isinstance(item, tuple):
+                    if isinstance(item, threading.Event):
+                        item.set()
+                    else:
+                        try:
+                            item()
+                        except Exception:
+                            log.exception("termsafe: delivery callback %r failed", item)
                     continue
                 ts, type_, wid, actor, reason, state, details = item
                 self._seq += 1

@@ -112,6 +112,8 @@ class Recorder:
 
     def __init__(self, hook: MetricsHook | None = None) -> None:
         self.hook: MetricsHook = hook if hook is not None else NoopMetricsHook()
+        # The default hook is skipped outright: these run on every kill's path.
+        self._hooked = not isinstance(self.hook, NoopMetricsHook)
         self._lock = threading.Lock()
         self.kills_requested = 0
         self.kills_refused = 0
@@ -131,7 +133,8 @@ class Recorder:
                 self.kills_requested += 1
             else:
                 self.kills_refused += 1
-        self.hook.kill_requested(outcome="accepted" if accepted else "refused")
+        if self._hooked:
+            self.hook.kill_requested(outcome="accepted" if accepted else "refused")
 
     def kill_finished(self, final_state: str, latency: float) -> None:
         with self._lock:
@@ -140,30 +143,33 @@ class Recorder:
             else:
                 self.kills_succeeded += 1
             self._latency.append(latency)
-        self.hook.kill_finished(final_state=final_state, latency_s=latency)
+        if self._hooked:
+            self.hook.kill_finished(final_state=final_state, latency_s=latency)
 
     def cleanup_finished(self, duration: float) -> None:
         with self._lock:
             self._cleanup.append(duration)
             if self._cleanup_max is None or duration > self._cleanup_max:
                 self._cleanup_max = duration
-        self.hook.cleanup_finished(duration_s=duration)
+        if self._hooked:
+            self.hook.cleanup_finished(duration_s=duration)
 
     def orphan(self, kind: str) -> None:
         with self._lock:
             self.orphans += 1
-        self.hook.orphan_detected(kind=kind)
+        if self._hooked:
+            self.hook.orphan_detected(kind=kind)
 
     def hook_failed(self) -> None:
         with self._lock:
             self.hook_failures += 1
 
     def event(self, delivered: bool) -> None:
-        with self._lock:
-            if delivered:
-                self.events_emitted += 1
-            else:
-                self.events_dropped += 1
+        # Only the audit dispatcher thread writes these two: no lock needed.
+        if delivered:
+            self.events_emitted += 1
+        else:
+            self.events_dropped += 1
 
     def snapshot(self, orphans_alive: int) -> MetricsSnapshot:
         with self._lock:

@@ -210,12 +210,16 @@ class KillHandle:
         Raises:
             WaitTimeout: the workflow had not finished within ``timeout``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._wf.done_event().wait(timeout):
+        wf = self._wf
+        if wf.terminator._pipe.on_dispatcher():
+            # An audit listener waiting: the events it would wait for are
+            # queued behind the one it is handling.
+            if not wf.wait_ended(timeout):
+                raise WaitTimeout(self.workflow_id, timeout)
+            return wf.state
+        if not wf.done_event().wait(timeout):
             raise WaitTimeout(self.workflow_id, timeout)
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        self._wf.terminator.flush(remaining)
-        return self._wf.state
+        return wf.state
 
     async def wait_async(self, timeout: float | None = None) -> WorkflowState:
         """``wait()`` for async code, without blocking the event loop.
@@ -688,7 +692,7 @@ class Terminator:
     def _schedule(
         self, wf: Workflow, request: KillRequest, now: float, sections: list[tuple[str, float]]
     ) -> None:
-        graces = sorted({g for _, g in sections})
+        graces = sorted({g for _, g in sections}) if sections else ()
         forced_in, system_in = self._deadlines_in(request.force, sections)
         system_at = now + system_in
         # Set before any deadline is queued: a zero-length phase fires at once.
@@ -924,6 +928,7 @@ class Terminator:
         self._ended(wf, outcome)
 
     def _ended(self, wf: Workflow, final: WorkflowState) -> None:
+        wf._mark_ended()
         with self._lock:
             if self._live.get(wf.id) is wf:
                 del self._live[wf.id]
@@ -962,9 +967,10 @@ class Terminator:
             final.value,
             details,
         )
-        wf._set_done()
         if final in (S.TERMINATED, S.KILLED):
             self._notify_dependents(wf, final)
+        # Waiters wake once everything up to here reached the sink.
+        self._pipe.call_when_delivered(wf._set_done)
 
     def _kill_effective(self, wf: Workflow, section: CriticalSection) -> None:
         request = wf.kill
@@ -1237,6 +1243,8 @@ class Terminator:
     def _notify_dependents(self, wf: Workflow | str, final: WorkflowState) -> None:
         # ``wf`` is a workflow id when the dependency ran in another process
         # (the control socket was told, see _control.py).
+        if not self._dependents:
+            return  # nobody depends on anything (changed only under the lock)
         wf_id = wf if isinstance(wf, str) else wf.id
         with self._lock:
             ids = sorted(self._dependents.get(wf_id, ()))

@@ -79,7 +79,9 @@ class Workflow:
         "__weakref__",
         "_children",
         "_cond",
+        "_delivered",
         "_done",
+        "_ended_ev",
         "_hooks",
         "_loop_call",
         "_scope",
@@ -145,6 +147,8 @@ class Workflow:
         self._sleepers = 0
         self._sleep_until = 0.0
         self._done: threading.Event | None = None
+        self._delivered = False  # ended, and its events up to then reached the sink
+        self._ended_ev: threading.Event | None = None  # only for waiters on the dispatcher
         self._loop_call: Callable[[Callable[[], object]], object] | None = None
         self._scope: anyio.CancelScope | None = None
         self._children: list[Workflow] | None = None
@@ -344,17 +348,38 @@ class Workflow:
     # -- lifecycle ----------------------------------------------------------------
 
     def done_event(self) -> threading.Event:
+        """Set once the workflow ended, its hooks ran and its events were delivered."""
         with self.lock:
             ev = self._done
             if ev is None:
                 ev = self._done = threading.Event()
-                if is_terminal(self.state) and self.ended_at is not None:
+                if self._delivered:
                     ev.set()
             return ev
 
-    def _set_done(self) -> None:
+    def _mark_ended(self) -> None:
+        """Record the end (hooks ran); waiters are woken by ``_set_done``."""
         with self.lock:
             self.ended_at = time.monotonic()
+            ev = self._ended_ev
+        if ev is not None:
+            ev.set()
+
+    def wait_ended(self, timeout: float | None) -> bool:
+        """Wait for the end without waiting for its audit events (the dispatcher's own wait)."""
+        with self.lock:
+            ev = self._ended_ev
+            if ev is None:
+                ev = self._ended_ev = threading.Event()
+                if self.ended_at is not None:
+                    ev.set()
+        return ev.wait(timeout)
+
+    def _set_done(self) -> None:
+        # Called by the audit dispatcher (EventPipe.call_when_delivered): waiters
+        # need no flush round trip of their own. Idempotent.
+        with self.lock:
+            self._delivered = True
             ev = self._done
         if ev is not None:
             ev.set()

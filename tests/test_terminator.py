@@ -934,3 +934,63 @@ class TestFlushFromListener:
         ok, delivered = seen[0]
         assert ok
         assert ("workflow_finished", "second") in delivered
+
+    def test_listener_can_kill_and_wait(self, make_term: TermFactory) -> None:
+        """A listener that kills a workflow and waits for it gets its final state, no deadlock."""
+        term = make_term(phases=termsafe.Phases(5, 5))
+        entered = threading.Event()
+        answers: list[termsafe.WorkflowState] = []
+        done = threading.Event()
+        admin = termsafe.Principal("ops", roles=("admin",))
+
+        def victim() -> None:
+            with term.workflow("victim"):
+                entered.set()
+                while True:
+                    termsafe.sleep(0.01)
+
+        def listener(event: termsafe.AuditEvent) -> None:
+            if event.type == "workflow_started" and event.workflow_id == "trigger":
+                answers.append(term.kill("victim", by=admin, reason="cascade").wait(WAIT))
+                done.set()
+
+        thread = threading.Thread(target=victim)
+        thread.start()
+        assert entered.wait(WAIT)
+        term.add_event_listener(listener)
+        with term.workflow("trigger"):
+            pass
+        assert done.wait(WAIT)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert [termsafe.WorkflowState.TERMINATED] == answers
+
+
+class TestKillHandleWait:
+    def test_wait_returns_after_the_final_event_reached_the_sink(
+        self, make_term: TermFactory
+    ) -> None:
+        """Once wait() returns, the workflow's events up to workflow_finished are in the sink."""
+        term = make_term(phases=termsafe.Phases(5, 5))
+        entered = threading.Event()
+        admin = termsafe.Principal("ops", roles=("admin",))
+
+        def body() -> None:
+            with term.workflow("w"):
+                termsafe.on_cleanup(lambda: None)
+                entered.set()
+                while True:
+                    termsafe.sleep(0.01)
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        assert entered.wait(WAIT)
+        handle = term.kill("w", by=admin, reason="r")
+        assert termsafe.WorkflowState.TERMINATED == handle.wait(WAIT)
+        assert handle.done
+        sink = term.sink
+        assert isinstance(sink, termsafe.MemorySink)
+        types = [e.type for e in sink.events if e.workflow_id == "w"]  # no flush() here
+        assert "workflow_finished" == types[-1]
+        assert {"kill_requested", "hook_ran"} <= set(types)
+        thread.join(WAIT)
