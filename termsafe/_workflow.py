@@ -59,6 +59,7 @@ Probe = Callable[["Workflow", str, "str | None"], None]
 S = WorkflowState
 #: A sleeper due to wake within this many seconds is not woken early by a kill.
 _WAKE_SLACK: Final = 0.002
+_INF: Final = float("inf")
 
 
 class Workflow:
@@ -820,24 +821,30 @@ def sleep(seconds: float) -> None:
         Terminated: a kill is pending (or arrives) and may land here.
         ForcedTermination: as for ``checkpoint()``.
     """
-    duration = validate_seconds("seconds", seconds)
-    assert duration is not None
+    if type(seconds) is float and 0.0 <= seconds < _INF:  # NaN fails the comparison
+        duration = seconds  # the common case, without the general validation
+    else:
+        checked = validate_seconds("seconds", seconds)
+        assert checked is not None
+        duration = checked
     wf = _current.get()
     if wf is None:
         time.sleep(duration)
         return
     if wf.probe is not None:
         wf.probe(wf, "sleep", None)
-    deadline = time.monotonic() + duration
+    monotonic = time.monotonic
+    deadline = monotonic() + duration
     with wf.lock:
-        if wf._cond is None:
-            wf._cond = threading.Condition(wf.lock)
         cond = wf._cond
+        if cond is None:
+            cond = wf._cond = threading.Condition(wf.lock)
         while True:
-            exc = wf._deliverable()
-            if exc is not None:
-                break
-            remaining = deadline - time.monotonic()
+            if wf.kill is not None:
+                exc = wf._deliverable()
+                if exc is not None:
+                    break
+            remaining = deadline - monotonic()
             if remaining <= 0:
                 return
             wf._sleepers += 1
