@@ -642,7 +642,7 @@ def _draw(story: _Story) -> str:
     y = lanes_bottom + ticks + 24
     y = _legend(c, y)
 
-    height = y + 12
+    height = math.ceil(y + 12)
     head = (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
         f'viewBox="0 0 {WIDTH} {height}" font-family={quoteattr(FONT)} role="img" '
