@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ from termsafe._adapters import BUCKETS
 from termsafe.otel import OTelMetricsHook
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "observability.md"
 
 Key = frozenset[tuple[str, Any]]
 
@@ -68,8 +70,8 @@ def _histogram(reader: InMemoryMetricReader, name: str) -> dict[Key, HistogramDa
     return {_key(p.attributes): p for p in metric.data.data_points}
 
 
-def _probe(script: str) -> Any:
-    """Run ``script`` in a fresh interpreter and return the JSON it prints."""
+def _run(script: str) -> str:
+    """Run ``script`` in a fresh interpreter and return what it prints."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TERMSAFE", "OTEL_"))}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
@@ -80,7 +82,12 @@ def _probe(script: str) -> Any:
         timeout=60,
         check=True,
     )
-    return json.loads(out.stdout)
+    return out.stdout
+
+
+def _probe(script: str) -> Any:
+    """Run ``script`` in a fresh interpreter and return the JSON it prints."""
+    return json.loads(_run(script))
 
 
 @pytest.fixture
@@ -267,6 +274,21 @@ class TestOTelMetricsHook:
             "    for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics]))\n"
         )
         assert [["termsafe.kills", [{"outcome": "refused"}]]] == counted
+
+    def test_docs_example_runs(self) -> None:
+        """The example in docs/observability.md runs, and its exporter shows the kill counter."""
+        blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+        example = next(b for b in blocks if "from termsafe.otel import" in b)
+        printed = _run(
+            example + "try:\n"
+            "    term.kill('missing', by=ts.Principal('alice'))\n"
+            "except ts.KillRefused:\n"
+            "    pass\n"
+            "term.close()\n"
+            "metrics.get_meter_provider().force_flush()\n"
+        )
+        assert '"name": "termsafe.kills"' in printed
+        assert '"outcome": "refused"' in printed
 
     def test_sdk_failure_is_logged_once_and_never_reaches_the_kill(
         self,

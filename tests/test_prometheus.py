@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from termsafe._adapters import BUCKETS
 from termsafe.prometheus import PrometheusMetricsHook
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "observability.md"
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -229,6 +231,29 @@ class TestPrometheusMetricsHook:
             PrometheusMetricsHook(registry)
         assert None is registry.get_sample_value("termsafe_kills_total", {"outcome": "accepted"})
         assert 0.0 == registry.get_sample_value("termsafe_orphans_total")
+
+    def test_docs_example_runs(self) -> None:
+        """The example in docs/observability.md runs and its registry exports the kill counter."""
+        blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+        example = next(b for b in blocks if "from termsafe.prometheus import" in b)
+        script = example + (
+            "from prometheus_client import generate_latest\n"
+            "term.close()\n"
+            "assert callable(metrics_app)\n"
+            "print(generate_latest(registry).decode())\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS")},
+                "PYTHONPATH": str(ROOT),
+            },
+            timeout=60,
+            check=True,
+        )
+        assert 'termsafe_kills_total{outcome="accepted"} 0.0' in out.stdout.splitlines()
 
     def test_client_failure_is_logged_once_and_never_reaches_the_kill(
         self,
