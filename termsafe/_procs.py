@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
 from typing import Any
 
@@ -177,6 +178,40 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def _send(proc: psutil.Process, sig: int) -> bool:
+    """Signal ``proc`` if it is still the process the snapshot saw; return whether sent.
+
+    Where the system has pidfds (Linux >= 5.3), the check and the signal are
+    one: a pidfd opened and then found to belong to the snapshot's process
+    (same start time) keeps naming that process, so a pid reused between the
+    check and the signal is never hit. Elsewhere psutil checks the start time
+    just before signalling.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(proc.pid)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # no pidfd support here (ENOSYS, EPERM in a sandbox): as below
+        else:
+            try:
+                if not proc.is_running():  # the pid now names another process
+                    return False
+                signal.pidfd_send_signal(fd, sig)
+                return True
+            except ProcessLookupError:
+                return False
+            finally:
+                os.close(fd)
+    try:
+        proc.send_signal(sig)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    return True
+
+
 def kill_tree(
     pid: int,
     start_time: float | None = None,
@@ -189,7 +224,7 @@ def kill_tree(
     Snapshots the tree, sends SIGTERM (SIGKILL with ``force``), waits up to
     ``timeout`` seconds, SIGKILLs what is left, then snapshots again for
     processes forked meanwhile and SIGKILLs those. PID reuse is guarded by
-    start times.
+    start times, and closed entirely by pidfds where the system has them.
 
     Args:
         pid: The root of the tree.
@@ -200,16 +235,14 @@ def kill_tree(
     Returns:
         A ``TreeKill``; its ``survivors`` are orphans to report.
     """
-    import signal
-
     first = signal.SIGKILL if force else signal.SIGTERM
     procs = snapshot_tree(pid, start_time)
     signalled: list[int] = []
     for proc in procs:
         try:
-            proc.send_signal(first)
-            signalled.append(proc.pid)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            if _send(proc, first):
+                signalled.append(proc.pid)
+        except (PermissionError, psutil.AccessDenied):
             continue
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     killed: list[int] = []
@@ -221,9 +254,9 @@ def kill_tree(
             break
         for proc in targets:
             try:
-                proc.kill()
-                killed.append(proc.pid)
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                if _send(proc, signal.SIGKILL):
+                    killed.append(proc.pid)
+            except (PermissionError, psutil.AccessDenied):
                 continue
         _, alive = psutil.wait_procs(targets, timeout=max(1.0, timeout / 2))
     survivors = tuple(p.pid for p in _alive(list(alive)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 import termsafe as ts
 from termsafe._children import spawn, track_process
-from termsafe._procs import kill_tree
+from termsafe._procs import _send, kill_tree
 from termsafe._store import SQLiteStore
 
 ADMIN = ts.Principal("root", roles=["admin"])
@@ -112,6 +113,26 @@ class TestKillTree:
         """A start time that does not match means the pid was reused: nothing is signalled."""
         result = kill_tree(os.getpid(), start_time=1.0, timeout=0.1)
         assert ((), (), ()) == (result.signalled, result.killed, result.survivors)
+
+
+class TestSend:
+    def test_signals_the_snapshot_process(self) -> None:
+        """_send delivers the signal to a live process it snapshotted (via a pidfd here)."""
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert _send(psutil.Process(child.pid), signal.SIGKILL)
+            assert -signal.SIGKILL == child.wait(10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+
+    def test_reaped_process_is_not_signalled(self) -> None:
+        """A snapshot of a process that has exited and been reaped gets no signal."""
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc = psutil.Process(child.pid)
+        assert 0 == child.wait(10)
+        assert not _send(proc, signal.SIGKILL)
 
 
 class TestSpawnInWorkflow:
