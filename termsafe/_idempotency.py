@@ -946,13 +946,13 @@ def idempotent_call(
     """Perform a side effect at most once per key (Stripe's idempotency semantics).
 
     The recommended form is the decorator: the function receives the call
-    first, is skipped on a replay, and what it returns is recorded::
+    first, is skipped on a replay, and what it returns is recorded:
 
         @idempotent_call(lambda order: f"charge-{order['id']}", request=lambda order: order)
         def charge(call: IdempotentCall, order: dict) -> dict:
             return payments.charge(order, idempotency_key=call.key)
 
-    As a context manager, check ``call.replayed`` first (or use ``call.run``)::
+    As a context manager, check ``call.replayed`` first (or use ``call.run``):
 
         with idempotent_call("charge-42", request={"amount": 100}) as call:
             if call.replayed:

@@ -1809,7 +1809,7 @@ def kill_points(
 ) -> SearchStrategy[KillPoint]:
     """A hypothesis strategy of ``KillPoint`` values, for your own property tests.
 
-    Draw a point, then ``run_with_kill(run, point)`` and check what you like::
+    Draw a point, then ``run_with_kill(run, point)`` and check what you like:
 
         @given(point=kill_points(run))
         def test_never_torn(point):
