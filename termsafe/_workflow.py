@@ -74,6 +74,8 @@ class Workflow:
         terminator: The terminator it is registered with.
         parent: The workflow it was started inside, if any.
         last_checkpoint: The last state given to ``checkpoint(state)``.
+        state: The current ``WorkflowState``.
+        hook_failures: ``(hook name, error)`` of each hook that raised or hung.
     """
 
     __slots__ = (
