@@ -582,6 +582,8 @@ class Terminator:
     def _start_kill(self, wf: Workflow, by: Principal, reason: str, force: bool) -> KillHandle:
         now = time.monotonic()
         escalate = False
+        sections: list[tuple[str, float]] = []
+        deadlines = (0.0, 0.0)
         with wf.lock:
             if is_terminal(wf.state):
                 fresh = False
@@ -604,22 +606,23 @@ class Terminator:
                     wf.wake()
                 else:
                     escalate = force and request.phase == "graceful"
-            sections = [(s.kind, self._grace_of(s)) for s in wf.sections] if fresh else []
             if fresh and request is not None:
+                if wf.sections:
+                    sections = [(s.kind, self._grace_of(s)) for s in wf.sections]
+                deadlines = self._deadlines_in(force, sections)
                 # Emitted under the workflow's lock (emit only queues): once the
                 # lock is released the workflow may finish at once, and its
                 # "workflow_finished" must not precede the request in the trail.
-                self._emit_fresh_kill(wf, by, reason, force, request, sections)
+                self._emit_fresh_kill(wf, by, reason, force, request, sections, deadlines)
         if finished:
             self._refuse(wf.id, by, reason, perms.FINISHED)
         assert request is not None
         assert request.handle is not None
-        actor = by.as_dict()
         if not fresh:
             self._pipe.emit(
                 "kill_requested",
                 wf.id,
-                actor,
+                by.as_dict(),
                 reason,
                 wf.state.value,
                 {"force": force, "already": request.phase, "escalated": escalate},
@@ -628,11 +631,16 @@ class Terminator:
                 self._phase_forced(wf, request, escalated=True)
             return request.handle
         self._recorder.kill_requested(True)
-        wf.cancel_scope_soon()
-        self._schedule(wf, request, now, sections)
+        if wf._loop_call is not None:
+            wf.cancel_scope_soon()
+        self._schedule(wf, request, now, sections, deadlines)
+        if wf._children is not None:
+            self._kill_children(wf, by, reason, force)
+        return request.handle
+
+    def _kill_children(self, wf: Workflow, by: Principal, reason: str, force: bool) -> None:
         for child in wf.children():
             self._start_kill(child, by, f"parent workflow {wf.id!r} killed: {reason}", force)
-        return request.handle
 
     def _emit_fresh_kill(
         self,
@@ -642,9 +650,10 @@ class Terminator:
         force: bool,
         request: KillRequest,
         sections: list[tuple[str, float]],
+        deadlines: tuple[float, float],
     ) -> None:
         actor = by.as_dict()
-        forced_in, system_in = self._deadlines_in(force, sections)
+        forced_in, system_in = deadlines
         self._pipe.emit(
             "kill_requested",
             wf.id,
@@ -690,10 +699,15 @@ class Terminator:
         return forced_in, system_in
 
     def _schedule(
-        self, wf: Workflow, request: KillRequest, now: float, sections: list[tuple[str, float]]
+        self,
+        wf: Workflow,
+        request: KillRequest,
+        now: float,
+        sections: list[tuple[str, float]],
+        deadlines: tuple[float, float],
     ) -> None:
         graces = sorted({g for _, g in sections}) if sections else ()
-        forced_in, system_in = self._deadlines_in(request.force, sections)
+        forced_in, system_in = deadlines
         system_at = now + system_in
         # Set before any deadline is queued: a zero-length phase fires at once.
         request.system_at = system_at

@@ -24,10 +24,13 @@ log = logging.getLogger("termsafe")
 class DeadlineTimer:
     """A heap of ``(deadline, callback)`` served by one daemon thread."""
 
-    __slots__ = ("__weakref__", "_cond", "_heap", "_name", "_seq", "_stopped", "_thread")
+    __slots__ = ("__weakref__", "_cond", "_heap", "_lock", "_name", "_seq", "_stopped", "_thread")
 
     def __init__(self, name: str = "termsafe-timer") -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # call_at takes the bare lock: Condition's own __enter__/__exit__ are
+        # Python calls, paid once per kill.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._heap: list[tuple[float, int, Callable[[], object]]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -40,13 +43,14 @@ class DeadlineTimer:
     def _after_fork_in_child(self) -> None:
         # Deadlines belong to the parent's kills; the thread did not survive the
         # fork, and a lock held at fork time would deadlock the child.
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._heap = []
         self._thread = None
 
     def call_at(self, deadline: float, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the timer thread at ``deadline`` (``time.monotonic`` clock)."""
-        with self._cond:
+        with self._lock:
             if self._stopped:
                 return
             entry = (deadline, next(self._seq), fn)
