@@ -15,9 +15,8 @@ restarts and kills (Stripe's semantics, on the durable store).
 Compensations registered by the body are rollback hooks of the enclosing
 workflow, each also recorded in the store so it runs at most once, whoever
 runs it. While the body runs, its lease is renewed every third of its length:
-one deadline per timer rides the terminator's timer for all the calls in
-flight, and each renewal runs in a short-lived thread, so a call costs no
-thread (and no timer entry) of its own.
+the deadlines ride the terminator's timer and each renewal runs in a
+short-lived thread, so a call costs no thread of its own.
 """
 
 from __future__ import annotations
@@ -26,13 +25,9 @@ import functools
 import hashlib
 import inspect
 import json
-import json.encoder
 import logging
-import math
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar, cast, overload
@@ -100,46 +95,10 @@ class _Missing:
 _MISSING: Final = _Missing()
 
 
-def _not_json(value: Any) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _one_shot_encoder(*, ensure_ascii: bool, allow_nan: bool) -> Callable[[Any], str]:
-    """A JSON encoder with sorted keys and no whitespace, built once.
-
-    ``JSONEncoder.encode`` builds a new C encoder on every call (about half
-    the cost of encoding a small request); this one is built here and reused.
-    It checks no cycles (a cyclic value fails with ``RecursionError``, which
-    callers treat as "not JSON data"). Where the C encoder is missing or
-    does not give the same text as ``JSONEncoder``, ``JSONEncoder`` is used.
-    """
-    reference = json.JSONEncoder(
-        sort_keys=True, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan
-    ).encode
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return reference
-    strings = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
-    try:
-        chunks = make(None, _not_json, strings, None, ":", ",", True, False, allow_nan)
-    except TypeError:  # another signature
-        return reference
-
-    def encode(value: Any) -> str:
-        return "".join(chunks(value, 0))
-
-    sample = {"b": [1, 2.5, -0.0, 10**20, None, True, "\u00e9\u2028\"\n"], "a": {"y": [], "x": {}}}
-    try:
-        same = encode(sample) == reference(sample) and encode("s") == reference("s")
-    except Exception:
-        same = False
-    return encode if same else reference
-
-
-# Requests: the fingerprint's canonical form. Results: as the store encodes them.
-_canonical: Final = _one_shot_encoder(ensure_ascii=False, allow_nan=False)
-_encode_result: Final = _one_shot_encoder(ensure_ascii=True, allow_nan=True)
-_sha256: Final = hashlib.sha256
+# Built once: json.dumps(..., sort_keys=True) builds an encoder per call.
+_canonical: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
 
 
 def request_fingerprint(request: Any, key: str | None = None) -> str:
@@ -160,13 +119,12 @@ def request_fingerprint(request: Any, key: str | None = None) -> str:
     """
     try:
         data = _canonical(request).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError) as exc:
         whose = "" if key is None else f" of idempotent call {key!r}"
-        problem = "a cycle" if isinstance(exc, RecursionError) else exc
         raise InvalidArgumentType(
-            f"request{whose} must be JSON data (got {request!r}: {problem})"
+            f"request{whose} must be JSON data (got {request!r}: {exc})"
         ) from None
-    return _sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def _as_json(value: Any, what: str) -> Any:
@@ -177,48 +135,44 @@ def _as_json(value: Any, what: str) -> Any:
         raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
 
 
-def _result_json(value: Any, key: str) -> tuple[str, Any]:
-    """``value`` as the store will hold it (JSON text) and give it back, or an error."""
-    try:
-        text = _encode_result(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        problem = "a cycle" if isinstance(exc, RecursionError) else exc
-        raise InvalidArgumentType(
-            f"result of idempotent call {key!r} must be JSON data (got {value!r}: {problem})"
-        ) from None
-    return text, json.loads(text)
-
-
 # -- lease renewal -------------------------------------------------------------------
 
 
 class _Lease:
-    """One claim kept alive by its keeper, every ``seconds / 3``, until ``stop()``."""
+    """Keeps one claim alive: renewed every ``seconds / 3`` until ``stop()``.
 
-    __slots__ = ("active", "due", "epoch", "keeper", "key", "lost", "seconds", "store")
+    The deadlines ride on the terminator's timer thread (no thread per call);
+    the renewal itself, a durable write that may wait for the database lock,
+    runs in a short-lived thread of its own so it never holds the timer up.
+    """
+
+    __slots__ = ("active", "epoch", "key", "lost", "seconds", "store", "timer")
 
     def __init__(
-        self, store: Store, key: str, epoch: int, seconds: float, keeper: _LeaseKeeper
+        self, store: Store, key: str, epoch: int, seconds: float, timer: DeadlineTimer
     ) -> None:
         self.store = store
         self.key = key
         self.epoch = epoch
         self.seconds = seconds
-        self.keeper = keeper
+        self.timer = timer
         self.active = True
-        self.due = math.inf
         self.lost: LeaseLost | None = None
 
     def schedule(self, delay: float) -> None:
-        self.keeper.arm(self, delay)
+        self.timer.call_at(time.monotonic() + delay, self._due)
 
     def stop(self) -> None:
         self.active = False
-        self.keeper.discard(self)
+
+    def _due(self) -> None:
+        # In the timer thread: only hand the work off.
+        if self.active:
+            threading.Thread(
+                target=self._renew, name="termsafe-idempotency-lease", daemon=True
+            ).start()
 
     def _renew(self) -> None:
-        # In a short-lived thread of its own: a durable write that may wait for
-        # the database lock never holds the timer up.
         if not self.active:
             return
         try:
@@ -234,96 +188,6 @@ class _Lease:
             return
         if self.active:
             self.schedule(self.seconds / 3)
-
-
-class _LeaseKeeper:
-    """The leases in flight on one timer, under one armed deadline.
-
-    A claim joins the set with its due time (``arm``) and leaves it when it
-    settles (``discard``); the timer holds one deadline, the earliest due time
-    armed since the keeper last woke, instead of one entry per call (the
-    timer cannot cancel entries: a busy process would pile up one dead entry
-    per call for a third of a lease). On waking, in the timer thread, it takes
-    the leases that are due out of the set, arms the next deadline and hands
-    each renewal to a thread; a renewal arms its lease again.
-    """
-
-    __slots__ = ("__weakref__", "_leases", "_lock", "_timer", "_token", "_wake_at")
-
-    def __init__(self, timer: DeadlineTimer) -> None:
-        self._timer = weakref.ref(timer)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._leases: set[_Lease] = set()
-        self._lock = threading.Lock()
-        self._wake_at = math.inf  # the deadline armed on the timer, if any
-        self._token = 0  # names that deadline; earlier ones were superseded
-
-    def arm(self, lease: _Lease, delay: float) -> None:
-        due = lease.due = time.monotonic() + delay
-        with self._lock:
-            self._leases.add(lease)
-            if due >= self._wake_at:
-                return  # an earlier deadline is armed: it will see this lease
-            self._wake_at = due
-            self._token += 1
-            token = self._token
-        self._schedule(due, token)
-
-    def discard(self, lease: _Lease) -> None:
-        with self._lock:
-            self._leases.discard(lease)
-
-    def _schedule(self, due: float, token: int) -> None:
-        timer = self._timer()
-        if timer is not None:
-            timer.call_at(due, functools.partial(self._wake, token))
-
-    def _wake(self, token: int) -> None:
-        # In the timer thread: only sort out what is due and hand the work off.
-        now = time.monotonic()
-        with self._lock:
-            if token != self._token:
-                return  # superseded by an earlier deadline, which did this work
-            due = [lease for lease in self._leases if lease.due <= now]
-            self._leases.difference_update(due)
-            following = min((lease.due for lease in self._leases), default=math.inf)
-            self._wake_at = following
-            self._token += 1
-            token = self._token
-        if following < math.inf:
-            self._schedule(following, token)
-        for lease in due:
-            if lease.active:
-                threading.Thread(
-                    target=lease._renew, name="termsafe-idempotency-lease", daemon=True
-                ).start()
-
-
-_keepers: weakref.WeakKeyDictionary[DeadlineTimer, _LeaseKeeper] = weakref.WeakKeyDictionary()
-_keepers_lock = threading.Lock()
-
-
-def _keeper_for(timer: DeadlineTimer) -> _LeaseKeeper:
-    keeper = _keepers.get(timer)
-    if keeper is None:
-        with _keepers_lock:
-            keeper = _keepers.get(timer)
-            if keeper is None:
-                keeper = _keepers[timer] = _LeaseKeeper(timer)
-    return keeper
-
-
-def _keepers_after_fork() -> None:
-    # The child's timers start empty (their armed deadlines stayed with the
-    # parent), and so do the claims it holds: none.
-    for keeper in list(_keepers.values()):
-        keeper._reset()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_keepers_after_fork)
 
 
 # -- compensations --------------------------------------------------------------------
@@ -531,7 +395,7 @@ class IdempotentCall:
         wf = scope.workflow
         term = wf.terminator if wf is not None else get_terminator()
         renewal = self._renewal = _Lease(
-            scope.store, self.key, claim.epoch, self.lease, _keeper_for(term._timer)
+            scope.store, self.key, claim.epoch, self.lease, term._timer
         )
         renewal.schedule(self.lease / 3)
         if claim.retried:
@@ -650,14 +514,14 @@ class IdempotentCall:
             ConfigurationError: called outside the call's ``with`` block.
         """
         self._check("record")
-        text, value = _result_json(result, self.key)
+        value = _as_json(result, f"result of idempotent call {self.key!r}")
         with self._lock:
             scope = self._check("record")
             store = scope.store
             assert store is not None
             try:
                 with scope.committing():
-                    store.idem_record(self.key, self.epoch, value, encoded=text)
+                    store.idem_record(self.key, self.epoch, value)
             except LeaseLost:
                 self._lost()
                 raise
@@ -1144,33 +1008,21 @@ def idempotent_call(
         raise InvalidArgumentType(
             f"idempotency key must be a str, or a function in the decorator form (got {key!r})"
         )
-    # The common arguments pass the cheap checks; anything else gets the full ones.
-    if type(lease) is float and 0.0 < lease < math.inf:
-        seconds: float | None = lease
-    else:
-        seconds = validate_seconds("lease", lease)
-        assert seconds is not None
-        if seconds <= 0:
-            raise ConfigurationError(f"lease must be > 0 seconds (got {lease!r})")
-    if dedupes is not False and dedupes is not True:
-        _check_bool("dedupes", dedupes)
-    if explicit_send is not False and explicit_send is not True:
-        _check_bool("explicit_send", explicit_send)
-    if grace is not None:
-        grace = validate_seconds("grace", grace)
-    if store is not None:
-        store = _check_store(store)
+    seconds = validate_seconds("lease", lease)
+    assert seconds is not None
+    if seconds <= 0:
+        raise ConfigurationError(f"lease must be > 0 seconds (got {lease!r})")
     fingerprint = ""
     if isinstance(key, str) and request is not _MISSING and not callable(request):
         fingerprint = request_fingerprint(request, key)
     return IdempotentCall(
         key,
         request,
-        dedupes=dedupes,
-        explicit_send=explicit_send,
+        dedupes=_check_bool("dedupes", dedupes),
+        explicit_send=_check_bool("explicit_send", explicit_send),
         lease=seconds,
-        grace=grace,
-        store=store,
+        grace=validate_seconds("grace", grace, allow_none=True),
+        store=_check_store(store),
         fingerprint=fingerprint,
     )
 
