@@ -267,25 +267,37 @@ class TestOrphans:
 
 # The chaos worker: imports termsafe once, then forks one writer per trial and
 # SIGKILLs it after a seeded random delay (no termsafe thread runs in the worker).
+# The delay runs from the writer's first finished write, so on a loaded machine
+# too the kill lands inside its write loop, not before it has started.
 WORKER = """
-import json, os, random, signal, sys, time
+import json, os, random, select, signal, sys, time
 import termsafe as ts
+import termsafe._procs, termsafe._store  # what atomic_file imports on first use
 ts.atomic_file, ts.recover  # load the lazily imported modules before forking
 
 seed, trials, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = random.Random(seed)
 for trial in range(trials):
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(r)
         try:
             i = 0
             while True:
                 target = os.path.join(folder, f"file-{i % 4}.json")
                 with ts.atomic_file(target) as f:
                     f.write(json.dumps({"trial": trial, "i": i, "pad": "x" * 4096}))
+                if i == 0:
+                    os.write(w, b"w")
                 i += 1
         finally:
             os._exit(0)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    if not (ready and os.read(r, 1) == b"w"):
+        sys.exit(f"writer {trial} wrote nothing in 60 s")
+    os.close(r)
     time.sleep(rng.uniform(0.0, 0.04))  # the kill schedule, not synchronisation
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
