@@ -1,6 +1,6 @@
 """Kill metrics as OpenTelemetry instruments (the ``termsafe[otel]`` extra).
 
-Pass an ``OTelMetricsHook`` to ``Terminator(metrics_hook=...)``::
+Pass an ``OTelMetricsHook`` to ``Terminator(metrics_hook=...)``:
 
     from opentelemetry.sdk.metrics import MeterProvider
     from termsafe.otel import OTelMetricsHook
