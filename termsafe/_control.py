@@ -166,7 +166,7 @@ def _names(value: Iterable[str]) -> frozenset[str]:
 class AccessPolicy:
     """Maps OS users to principals for the control socket.
 
-    The file ``$TERMSAFE_HOME/policy.json``::
+    The file ``$TERMSAFE_HOME/policy.json``:
 
         {"users": {"alice": {"roles": ["team-lead"], "teams": ["data"]}},
          "admins": ["root", "ops"]}
