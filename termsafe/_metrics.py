@@ -7,6 +7,7 @@ memory stays flat however long the process lives.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from typing import Final, Protocol, runtime_checkable
@@ -17,13 +18,16 @@ __all__ = ["MetricsHook", "MetricsSnapshot", "NoopMetricsHook", "Recorder"]
 
 RESERVOIR: Final = 4096
 
+log = logging.getLogger("termsafe")
+
 
 @runtime_checkable
 class MetricsHook(Protocol):
     """What metric adapters implement (OpenTelemetry, Prometheus, ...).
 
     Every method is called synchronously on the path that observed the value:
-    keep them cheap and never raise.
+    keep them cheap. An exception is caught and logged (the first one, with
+    its traceback), never raised into the kill.
     """
 
     def kill_requested(self, *, outcome: str) -> None:
@@ -114,6 +118,7 @@ class Recorder:
         self.hook: MetricsHook = hook if hook is not None else NoopMetricsHook()
         # The default hook is skipped outright: these run on every kill's path.
         self._hooked = not isinstance(self.hook, NoopMetricsHook)
+        self.metrics_hook_failures = 0
         self._lock = threading.Lock()
         self.kills_requested = 0
         self.kills_refused = 0
@@ -134,7 +139,10 @@ class Recorder:
             else:
                 self.kills_refused += 1
         if self._hooked:
-            self.hook.kill_requested(outcome="accepted" if accepted else "refused")
+            try:
+                self.hook.kill_requested(outcome="accepted" if accepted else "refused")
+            except Exception:
+                self._hook_raised()
 
     def kill_finished(self, final_state: str, latency: float) -> None:
         with self._lock:
@@ -144,7 +152,10 @@ class Recorder:
                 self.kills_succeeded += 1
             self._latency.append(latency)
         if self._hooked:
-            self.hook.kill_finished(final_state=final_state, latency_s=latency)
+            try:
+                self.hook.kill_finished(final_state=final_state, latency_s=latency)
+            except Exception:
+                self._hook_raised()
 
     def cleanup_finished(self, duration: float) -> None:
         with self._lock:
@@ -152,17 +163,30 @@ class Recorder:
             if self._cleanup_max is None or duration > self._cleanup_max:
                 self._cleanup_max = duration
         if self._hooked:
-            self.hook.cleanup_finished(duration_s=duration)
+            try:
+                self.hook.cleanup_finished(duration_s=duration)
+            except Exception:
+                self._hook_raised()
 
     def orphan(self, kind: str) -> None:
         with self._lock:
             self.orphans += 1
         if self._hooked:
-            self.hook.orphan_detected(kind=kind)
+            try:
+                self.hook.orphan_detected(kind=kind)
+            except Exception:
+                self._hook_raised()
 
     def hook_failed(self) -> None:
         with self._lock:
             self.hook_failures += 1
+
+    def _hook_raised(self) -> None:
+        # A metrics adapter must never break a kill: log the first failure
+        # with its traceback, count the rest.
+        self.metrics_hook_failures += 1
+        if self.metrics_hook_failures == 1:
+            log.exception("termsafe: metrics hook %r failed (logged once)", self.hook)
 
     def event(self, delivered: bool) -> None:
         # Only the audit dispatcher thread writes these two: no lock needed.

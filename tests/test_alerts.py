@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import TermFactory
 
 import termsafe as ts
 from termsafe import Alert, AlertThresholds, Principal
@@ -190,3 +191,45 @@ class TestTerminatorAlerts:
             assert snap.events_dropped >= 3
             assert 0 == snap.events_emitted
             assert ("audit_sink", "critical") in {(a.rule, a.severity) for a in seen}
+
+
+class TestRaisingMetricsHook:
+    def test_a_raising_hook_never_breaks_a_kill(
+        self, make_term: TermFactory, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A user metrics hook that raises: kills still land, the failure is logged once."""
+
+        class Broken:
+            def kill_requested(self, *, outcome: str) -> None:
+                raise RuntimeError("exporter down")
+
+            def kill_finished(self, *, final_state: str, latency_s: float) -> None:
+                raise RuntimeError("exporter down")
+
+            def cleanup_finished(self, *, duration_s: float) -> None:
+                raise RuntimeError("exporter down")
+
+            def orphan_detected(self, *, kind: str) -> None:
+                raise RuntimeError("exporter down")
+
+        term = make_term(phases=ts.Phases(5, 5), metrics_hook=Broken())
+        for wid in ("a", "b"):
+            entered = threading.Event()
+
+            def body(wid: str = wid, entered: threading.Event = entered) -> None:
+                with term.workflow(wid):
+                    ts.on_cleanup(lambda: None)
+                    entered.set()
+                    while True:
+                        ts.sleep(0.01)
+
+            thread = threading.Thread(target=body)
+            thread.start()
+            assert entered.wait(10)
+            assert ts.WorkflowState.TERMINATED == term.kill(wid, by=ADMIN).wait(10)
+            thread.join(10)
+            assert not thread.is_alive()
+        snap = term.metrics()
+        assert (2, 2) == (snap.kills_requested, snap.kills_succeeded)
+        logged = [r for r in caplog.records if "metrics hook" in r.getMessage()]
+        assert 1 == len(logged)
