@@ -164,7 +164,7 @@ class TestRenderTimeline:
         forced = _of_class(drawn, "forced", "rect")
         assert (1, 1) == (len(graceful), len(forced))
         assert [] == _of_class(drawn, "system", "rect")
-        assert _x(graceful[0]) < _x(forced[0])
+        assert _x(graceful[0]) <= _x(forced[0])  # the escalation may come within the same ms
         assert ["graceful", "forced (escalated)"] == _texts(drawn, "phase-label")
 
     def test_deadlines_from_the_kill_request_are_shown(self, drawn: ET.Element) -> None:
