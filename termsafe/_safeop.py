@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Final
 
 from ._hooks import Hook, HookKind
 from ._sections import CriticalSection, critical_section, shielded
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 __all__ = ["OperationScope", "resolve_store"]
 
 log = logging.getLogger("termsafe")
+
+# The commit step outside a workflow: nothing to enter (reusable, stateless).
+_NO_STEP: Final[AbstractContextManager[None]] = contextlib.nullcontext()
+_open_default_store: Callable[[], Store] | None = None
 
 
 def resolve_store(store: Store | bool | None, wf: Workflow | None) -> Store | None:
@@ -44,9 +49,14 @@ def resolve_store(store: Store | bool | None, wf: Workflow | None) -> Store | No
         return store
     if wf is not None and wf.terminator.store is not None:
         return wf.terminator.store  # type: ignore[no-any-return]
-    from ._store import open_default_store
+    global _open_default_store
+    if _open_default_store is None:
+        # Imported on first use (``import termsafe`` stays light), then kept:
+        # an import statement costs a microsecond on every operation.
+        from ._store import open_default_store
 
-    return open_default_store()
+        _open_default_store = open_default_store
+    return _open_default_store()
 
 
 class OperationScope:
@@ -57,6 +67,17 @@ class OperationScope:
         name: A short description for events (``atomic_file /srv/out.txt``).
         store: See ``resolve_store``.
     """
+
+    __slots__ = (
+        "_body_section",
+        "_hooks",
+        "_journal",
+        "_local_rollbacks",
+        "kind",
+        "name",
+        "store",
+        "workflow",
+    )
 
     def __init__(self, kind: str, name: str, store: Store | bool | None = None) -> None:
         self.kind = kind
@@ -115,12 +136,18 @@ class OperationScope:
 
     # -- commit --------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def committing(self) -> Iterator[None]:
-        """The commit step: a critical section of the operation's kind, shielded."""
+    def committing(self) -> AbstractContextManager[None]:
+        """The commit step: a critical section of the operation's kind, shielded.
+
+        Outside a workflow there is nothing to defer or shield against: a
+        reusable no-op (the commit of every operation goes through here).
+        """
         if self.workflow is None:
-            yield
-            return
+            return _NO_STEP
+        return self._committing()
+
+    @contextlib.contextmanager
+    def _committing(self) -> Iterator[None]:
         if self._body_section is not None:
             with shielded():
                 yield
