@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
@@ -61,6 +61,13 @@ APPLICATION_ID: Final = 0x54534146
 MAX_KEY_LENGTH: Final = 255
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
+#: How many recorded (``done``) idempotency keys a store object keeps in memory.
+#: A ``done`` record never changes; only ``idem_prune`` deletes it, and a prune
+#: through this object forgets them all. A prune by another store object or
+#: process is not seen here: a key this object replayed keeps replaying (it
+#: never runs twice) until it falls out of these, oldest first.
+DONE_CACHE_SIZE: Final = 4096
+
 JournalKind = Literal["temp_file", "temp_dir", "child_process", "git_lock", "lock"]
 JOURNAL_KINDS: Final = ("child_process", "git_lock", "lock", "temp_dir", "temp_file")
 
@@ -91,8 +98,7 @@ class JournalEntry:
     created_at: float
 
 
-@attrs.frozen
-class Claim:
+class Claim(NamedTuple):
     """The outcome of claiming an idempotency key.
 
     Attributes:
@@ -218,8 +224,8 @@ class Store(Protocol):
     def idem_mark_sent(self, key: str, epoch: int) -> None:
         """Record that the side effect may have started (point of no return)."""
 
-    def idem_record(self, key: str, epoch: int, result: Any) -> None:
-        """Record the result of the call; fenced by ``epoch``."""
+    def idem_record(self, key: str, epoch: int, result: Any, *, encoded: str | None = None) -> None:
+        """Record the result of the call (``encoded``: its JSON, if known); fenced by ``epoch``."""
 
     def idem_release(self, key: str, epoch: int, *, unknown: bool) -> None:
         """Give up a claim: retryable, or (``unknown``) outcome unknown."""
@@ -320,6 +326,15 @@ def _identity_json() -> str:
     return cached[1]
 
 
+# Statements of the idempotency fast paths (sqlite3 caches prepared statements
+# by their text, so it stays the same text).
+_SQL_IDEM_PEEK: Final = "SELECT fingerprint, status, result, epoch FROM idempotency WHERE key = ?"
+_SQL_IDEM_INSERT: Final = (
+    "INSERT INTO idempotency(key, fingerprint, status, epoch, owner, lease_expires, sent, "
+    "created_at, updated_at) VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(key) DO NOTHING"
+)
+
 # Numbered migrations; index i upgrades user_version i -> i+1.
 MIGRATIONS: Final[Sequence[str]] = (
     """
@@ -407,6 +422,10 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._closed = False
+        # Recorded results this object has read, by key: (fingerprint, JSON, epoch).
+        self._done: dict[str, tuple[str, str, int]] = {}
+        self._done_lock = threading.Lock()
+        self._done_gen = 0  # bumped by every prune
         self._check_file()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._migrate()
@@ -606,6 +625,22 @@ class SQLiteStore:
 
     # -- idempotency ----------------------------------------------------------------
 
+    def _remember_done(
+        self, key: str, fingerprint: str, result: str, epoch: int, generation: int
+    ) -> None:
+        """Keep a ``done`` record in memory: it never changes until pruned.
+
+        ``generation`` is ``_done_gen`` from before the record was read: a
+        prune since then may have deleted it, and then it is not kept.
+        """
+        done = self._done
+        with self._done_lock:
+            if generation != self._done_gen:
+                return
+            if key not in done and len(done) >= DONE_CACHE_SIZE:
+                del done[next(iter(done))]  # the oldest
+            done[key] = (fingerprint, result, epoch)
+
     def idem_claim(
         self,
         key: str,
@@ -623,8 +658,13 @@ class SQLiteStore:
         has an unknown outcome, which is reported, never guessed, unless
         ``retry_unknown`` (the external system deduplicates by key).
 
-        A replay costs one read and no write lock: a ``done`` record never
-        changes (only pruning deletes it).
+        A replay costs one read and no write lock, and a key this store object
+        has replayed before none at all: a ``done`` record never changes (only
+        pruning deletes it), so the last ``DONE_CACHE_SIZE`` of them are kept
+        in memory. A first claim of a new key is one statement (an ``INSERT``
+        that does nothing if the key exists), its own durable transaction; any
+        other case is read and decided under the write lock
+        (``BEGIN IMMEDIATE``).
 
         Args:
             key: The idempotency key (1 to 255 characters).
@@ -646,19 +686,34 @@ class SQLiteStore:
             ConfigurationError: the key is empty or longer than 255 characters.
         """
         _check_key(key)
-        done = (
-            self._conn()
-            .execute(
-                "SELECT fingerprint, result, epoch FROM idempotency "
-                "WHERE key = ? AND status = 'done'",
-                (key,),
-            )
-            .fetchone()
-        )
-        if done is not None:
-            if done[0] != fingerprint:
+        known = self._done.get(key)
+        if known is not None and not self._closed:
+            if known[0] != fingerprint:
                 raise IdempotencyKeyReused(key)
-            return Claim(key, True, json.loads(done[1]), done[2])
+            return Claim(key, True, json.loads(known[1]), known[2])
+        generation = self._done_gen
+        conn = self._conn()
+        row = conn.execute(_SQL_IDEM_PEEK, (key,)).fetchone()
+        if row is None:
+            now = time.time()
+            cur = conn.execute(
+                _SQL_IDEM_INSERT,
+                (key, fingerprint, _identity_json(), now + lease_seconds, int(sent), now, now),
+            )
+            if cur.rowcount == 1:
+                return Claim(key, False, None, 1)
+            # Another process claimed the key since the read: decide under the lock.
+        elif row[1] == "done":
+            if row[0] != fingerprint:
+                raise IdempotencyKeyReused(key)
+            self._remember_done(key, row[0], row[2], row[3], generation)
+            return Claim(key, True, json.loads(row[2]), row[3])
+        return self._idem_claim_locked(key, fingerprint, lease_seconds, retry_unknown, sent)
+
+    def _idem_claim_locked(
+        self, key: str, fingerprint: str, lease_seconds: float, retry_unknown: bool, sent: bool
+    ) -> Claim:
+        """``idem_claim`` for a key that has a record: read and decide under the write lock."""
         now = time.time()
         me = _identity_json()
         with self._tx() as tx:
@@ -668,6 +723,7 @@ class SQLiteStore:
                 (key,),
             ).fetchone()
             if row is None:
+                # Pruned since the first read: a new key again.
                 tx.execute(
                     "INSERT INTO idempotency(key, fingerprint, status, epoch, owner, "
                     "lease_expires, sent, created_at, updated_at) "
@@ -706,14 +762,17 @@ class SQLiteStore:
             raise OutcomeUnknown(key)
         return Claim(key, False, None, epoch + 1, retried=True)
 
-    def _fenced(
-        self, tx: sqlite3.Connection, sql: str, args: tuple[Any, ...], key: str, epoch: int
-    ) -> None:
-        cur = tx.execute(sql, args)
-        if cur.rowcount != 1:
-            row = tx.execute(
-                "SELECT epoch, status FROM idempotency WHERE key = ?", (key,)
-            ).fetchone()
+    def _fenced(self, sql: str, args: tuple[Any, ...], key: str, epoch: int) -> None:
+        """Run one durable ``UPDATE`` of the claim ``(key, epoch)``; ``LeaseLost`` if it is gone.
+
+        One statement outside ``BEGIN ... COMMIT`` is its own transaction,
+        committed (and, with ``synchronous=FULL``, fsynced) before ``execute``
+        returns; its ``WHERE`` holds the fencing check, so it is all the
+        read-modify-write there is, and it saves two round trips per write.
+        """
+        conn = self._conn()
+        if conn.execute(sql, args).rowcount != 1:
+            row = conn.execute("SELECT epoch FROM idempotency WHERE key = ?", (key,)).fetchone()
             raise LeaseLost(key, epoch, None if row is None else int(row[0]))
 
     def idem_mark_sent(self, key: str, epoch: int) -> None:
@@ -722,15 +781,13 @@ class SQLiteStore:
         Raises:
             LeaseLost: another run took the key over (fencing).
         """
-        with self._tx() as tx:
-            self._fenced(
-                tx,
-                "UPDATE idempotency SET sent = 1, updated_at = ? "
-                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
-                (time.time(), key, epoch),
-                key,
-                epoch,
-            )
+        self._fenced(
+            "UPDATE idempotency SET sent = 1, updated_at = ? "
+            "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+            (time.time(), key, epoch),
+            key,
+            epoch,
+        )
 
     def idem_renew(self, key: str, epoch: int, lease_seconds: float) -> None:
         """Extend the lease of a claim still held.
@@ -739,33 +796,36 @@ class SQLiteStore:
             LeaseLost: another run took the key over (fencing).
         """
         now = time.time()
-        with self._tx() as tx:
-            self._fenced(
-                tx,
-                "UPDATE idempotency SET lease_expires = ?, updated_at = ? "
-                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
-                (now + lease_seconds, now, key, epoch),
-                key,
-                epoch,
-            )
+        self._fenced(
+            "UPDATE idempotency SET lease_expires = ?, updated_at = ? "
+            "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+            (now + lease_seconds, now, key, epoch),
+            key,
+            epoch,
+        )
 
-    def idem_record(self, key: str, epoch: int, result: Any) -> None:
+    def idem_record(self, key: str, epoch: int, result: Any, *, encoded: str | None = None) -> None:
         """Record the call's result (durably); later claims replay it.
+
+        Args:
+            key: The key.
+            epoch: The epoch of the claim recording it (fencing).
+            result: JSON data.
+            encoded: ``result`` already encoded as JSON by the caller (saves
+                encoding it twice); ``result`` is then not looked at.
 
         Raises:
             InvalidArgumentType: ``result`` is not JSON data.
             LeaseLost: another run took the key over (fencing): nothing recorded.
         """
-        data = _dumps(result, "idempotent call result")
-        with self._tx() as tx:
-            self._fenced(
-                tx,
-                "UPDATE idempotency SET status = 'done', result = ?, updated_at = ? "
-                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
-                (data, time.time(), key, epoch),
-                key,
-                epoch,
-            )
+        data = encoded if encoded is not None else _dumps(result, "idempotent call result")
+        self._fenced(
+            "UPDATE idempotency SET status = 'done', result = ?, updated_at = ? "
+            "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+            (data, time.time(), key, epoch),
+            key,
+            epoch,
+        )
 
     def idem_release(self, key: str, epoch: int, *, unknown: bool) -> None:
         """Give up a claim: ``released`` (safe to retry) or ``unknown``.
@@ -773,15 +833,13 @@ class SQLiteStore:
         Raises:
             LeaseLost: another run took the key over (fencing).
         """
-        with self._tx() as tx:
-            self._fenced(
-                tx,
-                "UPDATE idempotency SET status = ?, updated_at = ? "
-                "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
-                ("unknown" if unknown else "released", time.time(), key, epoch),
-                key,
-                epoch,
-            )
+        self._fenced(
+            "UPDATE idempotency SET status = ?, updated_at = ? "
+            "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
+            ("unknown" if unknown else "released", time.time(), key, epoch),
+            key,
+            epoch,
+        )
 
     def idem_resolve(self, key: str, result: Any | None, *, succeeded: bool) -> None:
         """An operator settles an ``unknown`` key: recorded as done, or released for retry.
@@ -839,16 +897,25 @@ class SQLiteStore:
             How many keys were deleted.
         """
         cutoff = time.time() - older_than
-        with self._tx() as tx:
-            cur = tx.execute(
-                "DELETE FROM idempotency WHERE status IN ('done', 'released') AND updated_at < ?",
-                (cutoff,),
-            )
-            tx.execute(
-                "DELETE FROM compensations WHERE status IN ('done', 'failed') AND updated_at < ?",
-                (cutoff,),
-            )
-            return cur.rowcount
+        try:
+            with self._tx() as tx:
+                cur = tx.execute(
+                    "DELETE FROM idempotency "
+                    "WHERE status IN ('done', 'released') AND updated_at < ?",
+                    (cutoff,),
+                )
+                tx.execute(
+                    "DELETE FROM compensations "
+                    "WHERE status IN ('done', 'failed') AND updated_at < ?",
+                    (cutoff,),
+                )
+                return cur.rowcount
+        finally:
+            # Pruned keys are new again here at once (in other store objects
+            # and processes, see DONE_CACHE_SIZE).
+            with self._done_lock:
+                self._done_gen += 1
+                self._done.clear()
 
     # -- compensations --------------------------------------------------------------
 
