@@ -15,8 +15,9 @@ restarts and kills (Stripe's semantics, on the durable store).
 Compensations registered by the body are rollback hooks of the enclosing
 workflow, each also recorded in the store so it runs at most once, whoever
 runs it. While the body runs, its lease is renewed every third of its length:
-the deadlines ride the terminator's timer and each renewal runs in a
-short-lived thread, so a call costs no thread of its own.
+one deadline per timer rides the terminator's timer for all the calls in
+flight, and each renewal runs in a short-lived thread, so a call costs no
+thread (and no timer entry) of its own.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ import functools
 import hashlib
 import inspect
 import json
+import json.encoder
 import logging
+import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar, cast, overload
@@ -49,13 +54,14 @@ from ._hooks import hook_name
 from ._procs import identity_alive
 from ._safeop import OperationScope, resolve_store
 from ._sections import CriticalSection, critical_section, validate_seconds
-from ._store import _check_key
+from ._store import MAX_KEY_LENGTH, SQLiteStore, _check_key
 from ._terminator import get_terminator
 from ._workflow import current_workflow
 
 if TYPE_CHECKING:
     from ._store import Claim, Compensation, Store
     from ._timer import DeadlineTimer
+    from ._workflow import Workflow
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -95,10 +101,56 @@ class _Missing:
 _MISSING: Final = _Missing()
 
 
-# Built once: json.dumps(..., sort_keys=True) builds an encoder per call.
-_canonical: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _one_shot_encoder(*, ensure_ascii: bool, allow_nan: bool) -> Callable[[Any], str]:
+    """A JSON encoder with sorted keys and no whitespace, built once.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call (about half
+    the cost of encoding a small request); this one is built here and reused.
+    It checks no cycles (a cyclic value fails with ``RecursionError``, which
+    callers treat as "not JSON data"). Where the C encoder is missing or
+    does not give the same text as ``JSONEncoder``, ``JSONEncoder`` is used.
+    """
+    reference = json.JSONEncoder(
+        sort_keys=True, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=allow_nan
+    ).encode
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return reference
+    strings = (
+        json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+    )
+    try:
+        chunks = make(None, _not_json, strings, None, ":", ",", True, False, allow_nan)
+    except TypeError:  # another signature
+        return reference
+
+    def encode(value: Any) -> str:
+        return "".join(chunks(value, 0))
+
+    sample = {"b": [1, 2.5, -0.0, 10**20, None, True, '\u00e9\u2028"\n'], "a": {"y": [], "x": {}}}
+    try:
+        same = encode(sample) == reference(sample) and encode("s") == reference("s")
+    except Exception:
+        same = False
+    return encode if same else reference
+
+
+# Requests: the fingerprint's canonical form. Results: as the store encodes them.
+_canonical: Final = _one_shot_encoder(ensure_ascii=False, allow_nan=False)
+_encode_result: Final = _one_shot_encoder(ensure_ascii=True, allow_nan=True)
+_sha256: Final = hashlib.sha256
+
+# The fingerprints of the last requests seen, by canonical text: a retry or
+# replay of a call this process made before (the same request under the same
+# key) skips the SHA-256. Small requests only; the oldest go first.
+_FINGERPRINT_MEMO_SIZE: Final = 1024
+_FINGERPRINT_MEMO_TEXT: Final = 512
+_fingerprints: dict[str, str] = {}
+_fingerprints_lock = threading.Lock()
 
 
 def request_fingerprint(request: Any, key: str | None = None) -> str:
@@ -118,13 +170,24 @@ def request_fingerprint(request: Any, key: str | None = None) -> str:
         InvalidArgumentType: ``request`` is not JSON data.
     """
     try:
-        data = _canonical(request).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+        text = _canonical(request)
+        known = _fingerprints.get(text)
+        if known is not None:
+            return known
+        data = text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         whose = "" if key is None else f" of idempotent call {key!r}"
+        problem = "a cycle" if isinstance(exc, RecursionError) else exc
         raise InvalidArgumentType(
-            f"request{whose} must be JSON data (got {request!r}: {exc})"
+            f"request{whose} must be JSON data (got {request!r}: {problem})"
         ) from None
-    return hashlib.sha256(data).hexdigest()
+    fingerprint = _sha256(data).hexdigest()
+    if len(text) <= _FINGERPRINT_MEMO_TEXT:
+        with _fingerprints_lock:
+            if len(_fingerprints) >= _FINGERPRINT_MEMO_SIZE:
+                del _fingerprints[next(iter(_fingerprints))]  # the oldest
+            _fingerprints[text] = fingerprint
+    return fingerprint
 
 
 def _as_json(value: Any, what: str) -> Any:
@@ -135,44 +198,48 @@ def _as_json(value: Any, what: str) -> Any:
         raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
 
 
+def _result_json(value: Any, key: str) -> tuple[str, Any]:
+    """``value`` as the store will hold it (JSON text) and give it back, or an error."""
+    try:
+        text = _encode_result(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = "a cycle" if isinstance(exc, RecursionError) else exc
+        raise InvalidArgumentType(
+            f"result of idempotent call {key!r} must be JSON data (got {value!r}: {problem})"
+        ) from None
+    return text, json.loads(text)
+
+
 # -- lease renewal -------------------------------------------------------------------
 
 
 class _Lease:
-    """Keeps one claim alive: renewed every ``seconds / 3`` until ``stop()``.
+    """One claim kept alive by its keeper, every ``seconds / 3``, until ``stop()``."""
 
-    The deadlines ride on the terminator's timer thread (no thread per call);
-    the renewal itself, a durable write that may wait for the database lock,
-    runs in a short-lived thread of its own so it never holds the timer up.
-    """
-
-    __slots__ = ("active", "epoch", "key", "lost", "seconds", "store", "timer")
+    __slots__ = ("active", "due", "epoch", "keeper", "key", "lost", "seconds", "store")
 
     def __init__(
-        self, store: Store, key: str, epoch: int, seconds: float, timer: DeadlineTimer
+        self, store: Store, key: str, epoch: int, seconds: float, keeper: _LeaseKeeper
     ) -> None:
         self.store = store
         self.key = key
         self.epoch = epoch
         self.seconds = seconds
-        self.timer = timer
+        self.keeper = keeper
         self.active = True
+        self.due = math.inf
         self.lost: LeaseLost | None = None
 
     def schedule(self, delay: float) -> None:
-        self.timer.call_at(time.monotonic() + delay, self._due)
+        self.keeper.arm(self, delay)
 
     def stop(self) -> None:
         self.active = False
-
-    def _due(self) -> None:
-        # In the timer thread: only hand the work off.
-        if self.active:
-            threading.Thread(
-                target=self._renew, name="termsafe-idempotency-lease", daemon=True
-            ).start()
+        self.keeper.discard(self)
 
     def _renew(self) -> None:
+        # In a short-lived thread of its own: a durable write that may wait for
+        # the database lock never holds the timer up.
         if not self.active:
             return
         try:
@@ -188,6 +255,96 @@ class _Lease:
             return
         if self.active:
             self.schedule(self.seconds / 3)
+
+
+class _LeaseKeeper:
+    """The leases in flight on one timer, under one armed deadline.
+
+    A claim joins the set with its due time (``arm``) and leaves it when it
+    settles (``discard``); the timer holds one deadline, the earliest due time
+    armed since the keeper last woke, instead of one entry per call (the
+    timer cannot cancel entries: a busy process would pile up one dead entry
+    per call for a third of a lease). On waking, in the timer thread, it takes
+    the leases that are due out of the set, arms the next deadline and hands
+    each renewal to a thread; a renewal arms its lease again.
+    """
+
+    __slots__ = ("__weakref__", "_leases", "_lock", "_timer", "_token", "_wake_at")
+
+    def __init__(self, timer: DeadlineTimer) -> None:
+        self._timer = weakref.ref(timer)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._leases: set[_Lease] = set()
+        self._lock = threading.Lock()
+        self._wake_at = math.inf  # the deadline armed on the timer, if any
+        self._token = 0  # names that deadline; earlier ones were superseded
+
+    def arm(self, lease: _Lease, delay: float) -> None:
+        due = lease.due = time.monotonic() + delay
+        with self._lock:
+            self._leases.add(lease)
+            if due >= self._wake_at:
+                return  # an earlier deadline is armed: it will see this lease
+            self._wake_at = due
+            self._token += 1
+            token = self._token
+        self._schedule(due, token)
+
+    def discard(self, lease: _Lease) -> None:
+        with self._lock:
+            self._leases.discard(lease)
+
+    def _schedule(self, due: float, token: int) -> None:
+        timer = self._timer()
+        if timer is not None:
+            timer.call_at(due, functools.partial(self._wake, token))
+
+    def _wake(self, token: int) -> None:
+        # In the timer thread: only sort out what is due and hand the work off.
+        now = time.monotonic()
+        with self._lock:
+            if token != self._token:
+                return  # superseded by an earlier deadline, which did this work
+            due = [lease for lease in self._leases if lease.due <= now]
+            self._leases.difference_update(due)
+            following = min((lease.due for lease in self._leases), default=math.inf)
+            self._wake_at = following
+            self._token += 1
+            token = self._token
+        if following < math.inf:
+            self._schedule(following, token)
+        for lease in due:
+            if lease.active:
+                threading.Thread(
+                    target=lease._renew, name="termsafe-idempotency-lease", daemon=True
+                ).start()
+
+
+_keepers: weakref.WeakKeyDictionary[DeadlineTimer, _LeaseKeeper] = weakref.WeakKeyDictionary()
+_keepers_lock = threading.Lock()
+
+
+def _keeper_for(timer: DeadlineTimer) -> _LeaseKeeper:
+    keeper = _keepers.get(timer)
+    if keeper is None:
+        with _keepers_lock:
+            keeper = _keepers.get(timer)
+            if keeper is None:
+                keeper = _keepers[timer] = _LeaseKeeper(timer)
+    return keeper
+
+
+def _keepers_after_fork() -> None:
+    # The child's timers start empty (their armed deadlines stayed with the
+    # parent), and so do the claims it holds: none.
+    for keeper in list(_keepers.values()):
+        keeper._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_keepers_after_fork)
 
 
 # -- compensations --------------------------------------------------------------------
@@ -270,6 +427,7 @@ class IdempotentCall:
         "_scope",
         "_section",
         "_state",
+        "_store",
         "_store_arg",
         "dedupes",
         "epoch",
@@ -307,6 +465,7 @@ class IdempotentCall:
         self.lease = lease
         self.grace = grace
         self._store_arg = store
+        self._store: Store | None = None
         self.replayed = False
         self.retried = False
         self.result: Any = None
@@ -328,7 +487,8 @@ class IdempotentCall:
 
     # -- enter ------------------------------------------------------------------------
 
-    def _begin(self) -> OperationScope:
+    def _begin(self) -> Workflow | None:
+        """Check the call can be entered; resolve its workflow and store."""
         if self._entered:
             raise ConfigurationError(
                 f"idempotent call {self.key!r} was already entered; call idempotent_call() again"
@@ -346,16 +506,28 @@ class IdempotentCall:
         if not self.fingerprint:
             self.fingerprint = request_fingerprint(self._request_spec, self.key)
         self._entered = True
-        scope = OperationScope("api", f"idempotent_call {self.key}", self._store_arg)
-        if scope.store is None:
+        wf = current_workflow()
+        store = self._store_arg
+        if store is None:
+            store = resolve_store(None, wf)
+        if store is None:
             raise ConfigurationError(f"idempotent call {self.key!r} needs a store (got None)")
-        self._scope = scope
+        self._store = store
+        return wf
+
+    def _new_scope(self) -> OperationScope:
+        """The operation's scope (hooks, events), made once a claim needs it.
+
+        A replay needs none: it registers nothing and writes no event.
+        """
+        scope = self._scope
+        if scope is None:
+            scope = self._scope = OperationScope("api", f"idempotent_call {self.key}", self._store)
+            scope.hold_section(self._section)
         return scope
 
     def _claim(self) -> Claim:
-        scope = self._scope
-        assert scope is not None
-        store = scope.store
+        store = self._store
         assert store is not None
         return store.idem_claim(
             self.key,
@@ -366,19 +538,14 @@ class IdempotentCall:
         )
 
     def _refused(self, exc: BaseException) -> None:
-        scope = self._scope
-        assert scope is not None
         self._exited = True
         if isinstance(exc, TermsafeError):
-            scope.emit(
+            self._new_scope().emit(
                 "idempotent_refused",
                 {"key": self.key, "error": type(exc).__name__, "message": str(exc)},
             )
 
     def _claimed(self, claim: Claim) -> None:
-        scope = self._scope
-        assert scope is not None
-        assert scope.store is not None
         self.epoch = claim.epoch
         if claim.replay:
             self.replayed = True
@@ -386,6 +553,9 @@ class IdempotentCall:
             # No audit event: a replay changes nothing, and it must stay cheap.
             self._state = _REPLAYED
             return
+        scope = self._new_scope()
+        store = scope.store
+        assert store is not None
         self.retried = claim.retried
         self.sent = not self.explicit_send
         self._state = _CLAIMED
@@ -395,7 +565,7 @@ class IdempotentCall:
         wf = scope.workflow
         term = wf.terminator if wf is not None else get_terminator()
         renewal = self._renewal = _Lease(
-            scope.store, self.key, claim.epoch, self.lease, term._timer
+            store, self.key, claim.epoch, self.lease, _keeper_for(term._timer)
         )
         renewal.schedule(self.lease / 3)
         if claim.retried:
@@ -404,12 +574,10 @@ class IdempotentCall:
             scope.emit("idempotent_claimed", {"key": self.key, "epoch": claim.epoch})
 
     def __enter__(self) -> IdempotentCall:
-        scope = self._begin()
-        if scope.workflow is not None:
+        if self._begin() is not None:
             section = critical_section("api", self.grace)
             section.__enter__()
             self._section = section
-            scope.hold_section(section)
         try:
             claim = self._claim()
         except BaseException as exc:
@@ -420,12 +588,10 @@ class IdempotentCall:
         return self
 
     async def __aenter__(self) -> IdempotentCall:
-        scope = self._begin()
-        if scope.workflow is not None:
+        if self._begin() is not None:
             section = critical_section("api", self.grace)
             await section.__aenter__()
             self._section = section
-            scope.hold_section(section)
         try:
             with anyio.CancelScope(shield=True):
                 claim = await anyio.to_thread.run_sync(self._claim)
@@ -514,14 +680,14 @@ class IdempotentCall:
             ConfigurationError: called outside the call's ``with`` block.
         """
         self._check("record")
-        value = _as_json(result, f"result of idempotent call {self.key!r}")
+        text, value = _result_json(result, self.key)
         with self._lock:
             scope = self._check("record")
             store = scope.store
             assert store is not None
             try:
                 with scope.committing():
-                    store.idem_record(self.key, self.epoch, value)
+                    store.idem_record(self.key, self.epoch, value, encoded=text)
             except LeaseLost:
                 self._lost()
                 raise
@@ -753,10 +919,10 @@ class IdempotentCall:
 
     def _complete(self, exc: BaseException | None) -> None:
         """Settle the claim at the end of the block (record, or release)."""
-        scope = self._scope
-        assert scope is not None
         if self._state == _REPLAYED:
             return
+        scope = self._scope
+        assert scope is not None
         failed = exc is not None
         try:
             if self._state == _CLAIMED:
@@ -814,6 +980,9 @@ class IdempotentCall:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._state == _REPLAYED and self._section is None:
+            self._exited = True  # a replay outside a workflow: nothing to settle
+            return
         try:
             self._complete(exc)
         except BaseException as err:
@@ -925,11 +1094,26 @@ class _Sending:
 
 
 def _check_store(store: object) -> Store | None:
-    if store is None:
-        return None
+    if store is None or type(store) is SQLiteStore:
+        return cast("Store | None", store)
     if isinstance(store, bool) or not callable(getattr(store, "idem_claim", None)):
         raise InvalidArgumentType(f"store must be a termsafe Store or None (got {store!r})")
     return cast("Store", store)
+
+
+def _check_lease(lease: object) -> float:
+    seconds = validate_seconds("lease", lease)
+    assert seconds is not None
+    if seconds <= 0:
+        raise ConfigurationError(f"lease must be > 0 seconds (got {lease!r})")
+    return seconds
+
+
+def _check_flags(dedupes: object, explicit_send: object) -> None:
+    if type(dedupes) is not bool:
+        _check_bool("dedupes", dedupes)
+    if type(explicit_send) is not bool:
+        _check_bool("explicit_send", explicit_send)
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -1002,27 +1186,32 @@ def idempotent_call(
     run died after sending; settle it with ``resolve_outcome``), ``Terminated``
     (a kill is pending in the workflow).
     """
-    if isinstance(key, str):
+    # The common arguments pass the cheap checks; anything else gets the full ones.
+    if type(key) is str and 0 < len(key) <= MAX_KEY_LENGTH:
+        pass
+    elif isinstance(key, str):
         _check_key(key)
     elif not callable(key):
         raise InvalidArgumentType(
             f"idempotency key must be a str, or a function in the decorator form (got {key!r})"
         )
-    seconds = validate_seconds("lease", lease)
-    assert seconds is not None
-    if seconds <= 0:
-        raise ConfigurationError(f"lease must be > 0 seconds (got {lease!r})")
+    seconds = lease if type(lease) is float and 0.0 < lease < math.inf else _check_lease(lease)
+    _check_flags(dedupes, explicit_send)
+    if grace is not None:
+        grace = validate_seconds("grace", grace)
+    if store is not None:
+        store = _check_store(store)
     fingerprint = ""
     if isinstance(key, str) and request is not _MISSING and not callable(request):
         fingerprint = request_fingerprint(request, key)
     return IdempotentCall(
         key,
         request,
-        dedupes=_check_bool("dedupes", dedupes),
-        explicit_send=_check_bool("explicit_send", explicit_send),
+        dedupes=dedupes,
+        explicit_send=explicit_send,
         lease=seconds,
-        grace=validate_seconds("grace", grace, allow_none=True),
-        store=_check_store(store),
+        grace=grace,
+        store=store,
         fingerprint=fingerprint,
     )
 
