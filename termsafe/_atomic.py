@@ -121,6 +121,10 @@ def _token() -> str:
 _standing_lock = threading.Lock()
 _standing: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _process: tuple[int, str] | None = None
+# The last (pid, store, folder, token) _standing_entry answered, the store
+# weakly held: a writer that keeps writing into one folder skips the lock and
+# the lookups.
+_last_standing: tuple[int, weakref.ref[Any], str, str] | None = None
 
 
 def _process_token() -> str:
@@ -139,6 +143,16 @@ def _standing_entry(store: Store | None, folder: str) -> str:
     Returns:
         The process token the temp names must carry after ``TEMP_PREFIX``.
     """
+    global _last_standing
+    last = _last_standing
+    if (
+        last is not None
+        and store is not None
+        and last[1]() is store
+        and last[2] == folder
+        and last[0] == os.getpid()
+    ):
+        return last[3]
     with _standing_lock:
         token = _process_token()
         if store is None:
@@ -150,6 +164,8 @@ def _standing_entry(store: Store | None, folder: str) -> str:
             payload = {"folder": folder, "prefix": f"{TEMP_PREFIX}{token}-", "standing": True}
             store.journal_add("temp_file", payload)
             folders.add(folder)
+        if store is not None:
+            _last_standing = (os.getpid(), weakref.ref(store), folder, token)
     return token
 
 
