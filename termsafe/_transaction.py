@@ -7,7 +7,10 @@ body rolls back at once; the ``COMMIT`` runs inside the operation's commit step
 (critical section ``"db"``, shielded), so no kill can split "the database
 committed" from "we recorded it"; and the transaction is really *begun* where
 the driver would not begin one (sqlite3 runs DDL outside any transaction in its
-default mode, so a migration would not be atomic without an explicit ``BEGIN``).
+default mode, so a migration would not be atomic without an explicit ``BEGIN``;
+psycopg begins only at the first statement, so a ``conn.transaction()`` block
+run first in the body would be psycopg's outermost transaction and commit on
+its own).
 
 How it begins, commits and rolls back, by connection:
 
@@ -18,13 +21,31 @@ sqlite3, ``isolation_level=None``               ``BEGIN``           ``COMMIT`` /
 sqlite3, default (``""``) or a level            ``BEGIN <level>``   ``COMMIT`` / ``ROLLBACK``
 sqlite3 3.12+ ``autocommit=True``               ``BEGIN``           ``COMMIT`` / ``ROLLBACK``
 sqlite3 3.12+ ``autocommit=False``              (always open)       ``commit()`` / ``rollback()``
+psycopg 3, either autocommit mode               (see below)         (see below)
 other DB-API, ``conn.autocommit`` is ``True``   ``BEGIN``           ``COMMIT`` / ``ROLLBACK``
-other DB-API (psycopg's default, ...)           (the driver's)      ``commit()`` / ``rollback()``
+other DB-API (psycopg2's default, ...)          (the driver's)      ``commit()`` / ``rollback()``
 ==============================================  ==================  =========================
 
+psycopg 3 gets a block of its own ``conn.transaction()``, entered on entry
+and exited on exit (as if by an exception, to roll back). So it sends
+``BEGIN`` at once, with the connection's ``isolation_level``, ``read_only``
+and ``deferrable``, in either autocommit mode (a plain ``BEGIN`` in autocommit
+mode would drop them); a ``conn.transaction()`` block in the body becomes a
+savepoint of it; and psycopg refuses a ``conn.commit()`` in the body.
+
+A connection that reports libpq's transaction status
+(``conn.info.transaction_status``: psycopg 2 and 3) is checked. Where termsafe
+begins the transaction, not idle on entry (pending statements, an open
+psycopg block) is refused, as for sqlite3, and idle at the commit means the
+body ended it. In every mode, a failed transaction ("in error": a statement
+error the body caught) is not committed but rolled back with
+``TransactionStateError``: PostgreSQL would answer its ``COMMIT`` with a
+silent ``ROLLBACK``.
+
 Statements go through ``conn.execute`` for sqlite3 and through one
-``conn.cursor()`` otherwise; nothing else of the driver is used. A
-``transaction()`` inside another on the same connection is a savepoint.
+``conn.cursor()`` otherwise; nothing else of the driver is used (but psycopg's
+``conn.transaction()`` and ``conn.info``). A ``transaction()`` inside another
+on the same connection is a savepoint.
 
 No journal entry is written: the database is the journal, and the fast path
 stays a handful of attribute reads around the caller's ``BEGIN ... COMMIT``.
@@ -35,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import sys
 import threading
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
@@ -58,6 +80,11 @@ _EXPLICIT_SQLITE: Final = 0  # we send BEGIN / COMMIT / ROLLBACK through conn.ex
 _IMPLICIT_SQLITE: Final = 1  # 3.12 autocommit=False: commit()/rollback(), always open
 _EXPLICIT_DBAPI: Final = 2  # we send BEGIN / COMMIT / ROLLBACK through a cursor
 _IMPLICIT_DBAPI: Final = 3  # the driver begins; commit()/rollback()
+_PSYCOPG: Final = 4  # psycopg 3: its own conn.transaction() block
+
+# libpq's PQtransactionStatus, as psycopg 2 and 3 report it (conn.info.transaction_status).
+_PQ_IDLE: Final = 0
+_PQ_INERROR: Final = 3
 
 # The outermost open transaction() of each connection, by id(conn). sqlite3
 # connections take no weak references; an entry only lives while its block
@@ -68,6 +95,23 @@ _open: dict[int, Transaction[Any]] = {}
 def _describe(conn: object) -> str:
     cls = type(conn)
     return f"{cls.__module__}.{cls.__qualname__} at {id(conn):#x}"
+
+
+class _RolledBack(Exception):
+    """What a psycopg ``conn.transaction()`` block is told ended it, to roll it back."""
+
+
+def _pq_status(conn: object) -> int | None:
+    """libpq's transaction status of a psycopg (2 or 3) connection, else ``None``."""
+    status = getattr(getattr(conn, "info", None), "transaction_status", None)
+    return int(status) if isinstance(status, int) else None
+
+
+def _is_psycopg(conn: object) -> bool:
+    """Whether ``conn`` is a psycopg 3 connection (no import: one would be loaded already)."""
+    psycopg = sys.modules.get("psycopg")
+    cls = getattr(psycopg, "Connection", None)
+    return isinstance(cls, type) and isinstance(conn, cls)
 
 
 class Transaction(Generic[C]):
@@ -85,6 +129,7 @@ class Transaction(Generic[C]):
         "_cursor",
         "_depth",
         "_doomed",
+        "_driver_tx",
         "_ended",
         "_entered",
         "_mode",
@@ -103,6 +148,7 @@ class Transaction(Generic[C]):
         self._cursor: Any = None
         self._depth = 0
         self._doomed = False
+        self._driver_tx: Any = None
         self._ended = False
         self._entered = False
         self._mode = _IMPLICIT_DBAPI
@@ -157,11 +203,15 @@ class Transaction(Generic[C]):
             # enclosing critical section lets it through).
             wf.deliver()
         self._plan()
-        if self._mode == _EXPLICIT_SQLITE and self._sqlite_in_transaction():
+        mode = self._mode
+        if (mode == _EXPLICIT_SQLITE and self._sqlite_in_transaction()) or (
+            mode in (_EXPLICIT_DBAPI, _PSYCOPG) and _pq_status(conn) not in (None, _PQ_IDLE)
+        ):
             raise TransactionStateError(
                 _describe(conn),
                 "the connection is already inside a transaction that transaction() did not "
-                "begin (uncommitted statements before the block?); commit or roll it back first",
+                "begin (uncommitted statements before the block, or a psycopg "
+                "conn.transaction() block?); commit or roll it back first",
             )
         scope = None
         if wf is not None:
@@ -172,6 +222,10 @@ class Transaction(Generic[C]):
         try:
             if self._begin is not None:
                 self._exec(self._begin)
+            elif mode == _PSYCOPG:
+                driver_tx = conn.transaction()  # type: ignore[attr-defined]
+                driver_tx.__enter__()
+                self._driver_tx = driver_tx
         except BaseException:
             self._close_cursor()
             if scope is not None:
@@ -197,6 +251,8 @@ class Transaction(Generic[C]):
                     level = conn.isolation_level if autocommit is not True else None
                     upper = level.upper() if isinstance(level, str) else ""
                     begin = f"BEGIN {upper}" if upper in _SQLITE_LEVELS else "BEGIN"
+        elif begin is None and _is_psycopg(conn):
+            self._mode = _PSYCOPG
         elif getattr(conn, "autocommit", False) is True:
             self._mode = _EXPLICIT_DBAPI
             if begin is None:
@@ -295,19 +351,32 @@ class Transaction(Generic[C]):
                 "the transaction was abandoned by the terminator and cannot commit",
             )
         mode = self._mode
+        conn: Any = self.connection
+        status = _pq_status(conn) if mode >= _EXPLICIT_DBAPI else None
+        if (mode == _EXPLICIT_SQLITE and not self._sqlite_in_transaction()) or (
+            mode in (_EXPLICIT_DBAPI, _PSYCOPG) and status == _PQ_IDLE
+        ):
+            raise TransactionStateError(
+                _describe(conn),
+                "the transaction was ended inside the block (a commit() or "
+                "rollback() in the body?); nothing is left to commit",
+            )
+        if status == _PQ_INERROR:
+            raise TransactionStateError(
+                _describe(conn),
+                "a statement failed inside the block and the block went on (the error was "
+                "caught?); PostgreSQL can only roll this transaction back",
+            )
         self._committing = True
         if mode == _EXPLICIT_SQLITE:
-            if not self._sqlite_in_transaction():
-                raise TransactionStateError(
-                    _describe(self.connection),
-                    "the transaction was ended inside the block (a commit() or "
-                    "rollback() in the body?); nothing is left to commit",
-                )
-            self.connection.execute("COMMIT")  # type: ignore[attr-defined]
+            conn.execute("COMMIT")
         elif mode == _EXPLICIT_DBAPI:
             self._exec("COMMIT")
+        elif mode == _PSYCOPG:
+            driver_tx, self._driver_tx = self._driver_tx, None
+            driver_tx.__exit__(None, None, None)
         else:
-            self.connection.commit()  # type: ignore[attr-defined]
+            conn.commit()
         self.committed = True
         self._finish()
 
@@ -350,6 +419,10 @@ class Transaction(Generic[C]):
                 self.connection.execute("ROLLBACK")  # type: ignore[attr-defined]
         elif mode == _EXPLICIT_DBAPI:
             self._exec("ROLLBACK")
+        elif mode == _PSYCOPG and self._driver_tx is not None:
+            driver_tx, self._driver_tx = self._driver_tx, None
+            # Leave the block as an exception would: psycopg rolls back.
+            driver_tx.__exit__(_RolledBack, _RolledBack(), None)
         else:
             self.connection.rollback()  # type: ignore[attr-defined]
 
@@ -410,7 +483,10 @@ def transaction(conn: C, *, begin: str | None = None) -> Transaction[C]:
         begin: The statement that opens the transaction when termsafe opens
             it (connections in autocommit mode, and sqlite3): for example
             ``"BEGIN IMMEDIATE"``. Default ``"BEGIN"``, or for sqlite3 in its
-            default mode ``"BEGIN <isolation_level>"``.
+            default mode ``"BEGIN <isolation_level>"``, or for psycopg 3 the
+            ``BEGIN`` of its ``conn.transaction()`` (from the connection's
+            ``isolation_level``, ``read_only``, ``deferrable``); given for
+            psycopg 3 in autocommit mode, it is sent through a cursor instead.
 
     Returns:
         A ``Transaction`` context manager that yields ``conn``.
@@ -420,10 +496,13 @@ def transaction(conn: C, *, begin: str | None = None) -> Transaction[C]:
         ConfigurationError: ``begin`` does not start a transaction, or is given
             for a connection whose driver begins transactions itself, or for a
             nested block.
-        TransactionStateError: on entry, a sqlite3 connection is already in a
-            transaction that ``transaction()`` did not begin, or another
-            thread's ``transaction()`` holds the connection; on exit, the body
-            ended the transaction itself (called ``commit()``/``rollback()``).
+        TransactionStateError: on entry, a sqlite3 or psycopg connection is
+            already in a transaction that ``transaction()`` did not begin, or
+            another thread's ``transaction()`` holds the connection; on exit,
+            the body ended the transaction itself (called
+            ``commit()``/``rollback()``), or a statement failed in it and the
+            body went on, so PostgreSQL can only roll it back (it is rolled
+            back).
         Terminated: a kill landed in the body, or was pending at the commit
             step (after rolling back), or was deferred by the commit (after
             committing).
