@@ -3,14 +3,15 @@
 The baseline is what a careful person writes by hand: ``mkstemp`` in the
 target's folder, one ``os.write`` of the 4 KiB, ``os.fsync``, ``os.close``,
 ``os.replace`` over the target, then ``fsync`` of the folder. ``atomic_file``
-does that and also: journals the temp's name in the store before creating it
-and forgets it afterwards (SQLite in WAL mode, ``synchronous=NORMAL``: no
-fsync), stats the target and copies its mode, and goes through a buffered file
-object. Info rows show the journal's share alone (the recipe plus the same two
-journal writes), the cost inside a workflow (hooks, critical section, audit
-event), and ``durable=False`` against the recipe without fsyncs. Every side
-replaces an existing file in the same folder; the sides take turns write by
-write, in a rotating order, so that load elsewhere on the machine (other
+does that and also: stats the target (symlinks, exclusive mode), gives the
+temp the target's mode (``fstat`` and ``fchmod``: the recipe leaves the new
+file at ``mkstemp``'s 0o600), and goes through a buffered file object. Its
+crash-cleanup journal entry is written once per process, store and folder
+(the first write into a folder pays for it, in the warm-up here), not per
+write. Info rows show the cost inside a workflow (hooks, critical section,
+audit event) and ``durable=False`` against the recipe without fsyncs. Every
+side replaces an existing file in the same folder; the sides take turns write
+by write, in a rotating order, so that load elsewhere on the machine (other
 processes' fsyncs above all) hits them alike. Each round gives the ratio of the
 mean times per write; the figure is the median over the rounds.
 
@@ -55,9 +56,6 @@ def _recipe(folder: str, target: str, durable: bool) -> None:
 
 def _sides(folder: str, durable: bool) -> dict[str, Callable[[], None]]:
     from termsafe import atomic_file
-    from termsafe._store import open_default_store
-
-    store = open_default_store()
 
     def raw() -> None:
         _recipe(folder, os.path.join(folder, "raw.bin"), durable)
@@ -66,17 +64,7 @@ def _sides(folder: str, durable: bool) -> dict[str, Callable[[], None]]:
         with atomic_file(os.path.join(folder, "ours.bin"), "wb", durable=durable) as f:
             f.write(DATA)
 
-    journal_target = os.path.join(folder, "journal.bin")
-    payload = {"folder": folder, "prefix": ".termsafe-tmp-journal.bin-0123abcd-", "target": ""}
-
-    def raw_and_journal() -> None:
-        # The recipe plus exactly the journal writes atomic_file makes: what the
-        # journal alone costs.
-        entry = store.journal_add("temp_file", payload)
-        _recipe(folder, journal_target, durable)
-        store.journal_remove(entry)
-
-    sides = {"raw": raw, "termsafe": ours, "raw+journal": raw_and_journal}
+    sides = {"raw": raw, "termsafe": ours}
     try:
         atomicwrites = importlib.import_module("atomicwrites")
     except ImportError:
@@ -165,18 +153,6 @@ def collect(quick: bool) -> list[dict[str, object]]:
                 "passed": ratio <= 1.05,
                 "detail": f"recipe {raw * 1e6:.0f} us, atomic_file {ours * 1e6:.0f} us per write "
                 f"(median of {rounds} rounds of {n}; {_spread(durable, 'termsafe')})",
-            }
-        )
-        ratio, raw, journal = _median_round(durable, "raw+journal")
-        rows.append(
-            {
-                "name": "recipe_plus_journal_vs_recipe (info: the journal's share)",
-                "value": round(ratio, 3),
-                "target": "info",
-                "unit": "x",
-                "passed": True,
-                "detail": f"recipe {raw * 1e6:.0f} us, with journal_add/journal_remove "
-                f"{journal * 1e6:.0f} us ({_spread(durable, 'raw+journal')})",
             }
         )
         if "atomicwrites" in durable[0]:
