@@ -222,6 +222,17 @@ class TestPsycopgInterface:
         assert "IDLE" == _status(conn)
 
     @pytest.mark.parametrize("autocommit", MODES)
+    def test_expected_error_in_a_nested_block_is_recovered(self, pg: Pg, autocommit: bool) -> None:
+        """A statement error caught outside a nested transaction() leaves the outer one healthy."""
+        conn = pg.connect(autocommit=autocommit)
+        with transaction(conn):
+            conn.execute("INSERT INTO items VALUES (1)")
+            with pytest.raises(psycopg.errors.UniqueViolation), transaction(conn):
+                conn.execute("INSERT INTO items VALUES (1)")
+            conn.execute("INSERT INTO items VALUES (2)")
+        assert [(1,), (2,)] == pg.rows("SELECT n FROM items ORDER BY n")
+
+    @pytest.mark.parametrize("autocommit", MODES)
     def test_psycopg_block_inside_is_a_savepoint(self, pg: Pg, autocommit: bool) -> None:
         """psycopg's conn.transaction() first in the body is a savepoint: it cannot commit alone."""
         conn = pg.connect(autocommit=autocommit)
