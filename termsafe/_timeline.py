@@ -766,8 +766,16 @@ def _final_state(c: _Canvas, story: _Story, x: _Scale, y: float, lane_h: float, 
     )
     label = state
     if at + 14 + _text_width(label, 13) > WIDTH - 4:
-        c.text(at - 13, cy + 5, label, size=13, weight="bold", fill=colour, anchor="end",
-               class_="final-state")  # fmt: skip
+        c.text(
+            at - 13,
+            cy + 5,
+            label,
+            size=13,
+            weight="bold",
+            fill=colour,
+            anchor="end",
+            class_="final-state",
+        )
     else:
         c.text(at + 13, cy + 5, label, size=13, weight="bold", fill=colour, class_="final-state")
 
@@ -868,8 +876,7 @@ def _axis(
         c.add("line", x1=at, y1=bottom, x2=at, y2=bottom + 5, stroke=INK, stroke_width=1)
         c.text(at, bottom + 18, f"{tick:.{decimals}f}", size=10.5, anchor="middle", class_="tick")
     since = "the kill request" if killed else "the workflow started"
-    c.text(PLOT_RIGHT, bottom + 34, f"ms since {since}", size=10.5, anchor="end",
-           fill=MUTED)  # fmt: skip
+    c.text(PLOT_RIGHT, bottom + 34, f"ms since {since}", size=10.5, anchor="end", fill=MUTED)
     return 40.0
 
 

@@ -278,6 +278,9 @@ class TestRenderTimeline:
             ts.render_timeline_svg(events, 42)  # type: ignore[arg-type]
         with pytest.raises(ts.InvalidArgumentType, match="'not an event'"):
             ts.render_timeline_svg([*events, "not an event"])  # type: ignore[list-item]
+        bad = ts.AuditEvent(seq=1, timestamp="yesterday", type="kill_requested", workflow_id="w")
+        with pytest.raises(ts.ConfigurationError, match="'yesterday'"):
+            ts.render_timeline_svg([bad])
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -341,6 +344,21 @@ class TestTimelineCommand:
         assert 1 == result.returncode
         assert "does not verify" in result.stderr
         assert "line 2" in result.stderr
+
+    def test_keyed_trail_needs_its_key(self, tmp_path: Path) -> None:
+        """An HMAC-keyed trail is drawn with --key-file, and refused (exit 1) without it."""
+        path, key_file = tmp_path / "keyed.jsonl", tmp_path / "key"
+        key_file.write_bytes(b"s3cret-key")
+        term = ts.Terminator(sink=ts.JsonlSink(path, key=b"s3cret-key"))
+        with term.workflow("keyed-job"):
+            term.kill("keyed-job", by=ts.Principal("root", roles=["admin"]), reason="stop")
+            with pytest.raises(ts.Terminated):
+                ts.checkpoint()
+        term.close()
+        assert 1 == _cli(str(path), cwd=tmp_path).returncode
+        result = _cli(str(path), "--key-file", str(key_file), cwd=tmp_path)
+        assert 0 == result.returncode, result.stderr
+        assert "Termination timeline of 'keyed-job'" in _all_text(ET.fromstring(result.stdout))
 
     def test_no_killed_workflow_asks_for_one(self, tmp_path: Path) -> None:
         """A trail where nothing was killed: exit 4, asking for --workflow and listing the ids."""
