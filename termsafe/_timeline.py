@@ -511,6 +511,8 @@ def _draw(story: _Story) -> str:
 
     y: float = 92
     lanes_top = y
+    # Notes in empty lanes start right of the kill line, so it never crosses them.
+    note_x = max(PLOT_LEFT + 6.0, x(0) + 6.0) if story.killed else PLOT_LEFT + 6.0
     grid_at = len(c.parts)  # the grid goes under the lanes, drawn once their height is known
 
     # Lane: phases.
@@ -601,7 +603,7 @@ def _draw(story: _Story) -> str:
             if story.killed
             else "no kill, no deferral"
         )
-        c.text(PLOT_LEFT + 6, y + 15, empty, fill=MUTED)
+        c.text(note_x, y + 15, empty, fill=MUTED)
         y += 22 + 14
     for section in story.sections:
         y = _section_bar(c, story, section, x, y, end_ms) + 8
@@ -610,7 +612,7 @@ def _draw(story: _Story) -> str:
     # Lane: hooks, one row each, numbered in the order they ran.
     c.text(PLOT_LEFT - 12, y + 13, "hooks (LIFO)", anchor="end", weight="bold")
     if not story.hooks:
-        c.text(PLOT_LEFT + 6, y + 13, "no hook ran", fill=MUTED)
+        c.text(note_x, y + 13, "no hook ran", fill=MUTED)
         y += 20
     for hook in story.hooks:
         _hook_row(c, hook, x, y)
@@ -622,13 +624,13 @@ def _draw(story: _Story) -> str:
     notes = sorted(story.notes, key=lambda n: n.at_ms)
     shown = notes[:_MAX_EVENT_ROWS]
     if not shown:
-        c.text(PLOT_LEFT + 6, y + 13, "none", fill=MUTED)
+        c.text(note_x, y + 13, "none", fill=MUTED)
         y += 20
     for note in shown:
         _mark_row(c, x(note.at_ms), y, note.text, MUTED, class_="event")
         y += 20
     if len(notes) > len(shown):
-        c.text(PLOT_LEFT + 6, y + 13, f"\u2026 and {len(notes) - len(shown)} more", fill=MUTED)
+        c.text(note_x, y + 13, f"\u2026 and {len(notes) - len(shown)} more", fill=MUTED)
         y += 20
     lanes_bottom = y + 4
 
