@@ -15,10 +15,13 @@ pytest_plugins = ["pytester"]
 
 #: The project's own strictness, applied to every generated run.
 STRICT = ("-p", "no:cacheprovider", "--strict-markers", "-W", "error")
+#: Generated runs keep file order (the output checks below rely on it) even
+#: where the developer's environment has a test-shuffling plugin installed.
+IN_ORDER = ("-p", "no:randomly")
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest(*STRICT, *args)
+    return pytester.runpytest(*STRICT, *IN_ORDER, *args)
 
 
 class TestLoading:
