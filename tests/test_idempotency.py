@@ -12,6 +12,7 @@ server's counts and SQLite's own ``PRAGMA integrity_check`` judge.
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.client
 import json
 import os
@@ -35,6 +36,8 @@ from typing import Any
 import anyio
 import pytest
 from conftest import WAIT, Audit, Jobs, TermFactory
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import termsafe
 from termsafe import (
@@ -54,6 +57,7 @@ from termsafe import (
     resolve_outcome,
     run_pending_compensations,
 )
+from termsafe._idempotency import request_fingerprint
 from termsafe._store import SQLiteStore
 
 BACKENDS = ["asyncio", "trio"]
@@ -838,6 +842,24 @@ class TestBadInput:
         assert "'k-bad'" in str(info.value)
         assert named in str(info.value)
 
+    def test_cyclic_request(self, store: SQLiteStore) -> None:
+        """A request that contains itself is refused as not JSON data, naming the key."""
+        cyclic: list[Any] = []
+        cyclic.append(cyclic)
+        with pytest.raises(InvalidArgumentType, match=r"'k-cycle'.*a cycle"):
+            idempotent_call("k-cycle", request={"items": cyclic}, store=store)
+
+    def test_cyclic_result(self, store: SQLiteStore) -> None:
+        """A result that contains itself is refused, naming the key; nothing is recorded."""
+        cyclic: dict[str, Any] = {}
+        cyclic["self"] = cyclic
+        with (
+            pytest.raises(InvalidArgumentType, match=r"'k-cycle-res'.*a cycle"),
+            idempotent_call("k-cycle-res", request=REQUEST, store=store) as call,
+        ):
+            call.record(cyclic)
+        assert "unknown" == store.idem_status("k-cycle-res")
+
     def test_missing_request(self, store: SQLiteStore) -> None:
         """The context manager needs request=...; nothing is claimed without it."""
         with (
@@ -1238,6 +1260,98 @@ class TestCompensations:
                 "ck-2", {"noop": lambda _: None}, store=store, force=True
             )
             assert ["done"] == [c.status for c in ran]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
+class TestFingerprint:
+    @settings(max_examples=300, deadline=None)
+    @given(request_=JSON)
+    def test_sha256_of_canonical_json(self, request_: Any) -> None:
+        """The fingerprint is SHA-256 of the canonical JSON, first time and remembered alike."""
+        try:
+            data = CANONICAL(request_).encode("utf-8")
+        except ValueError:  # infinity; a lone surrogate
+            with pytest.raises(InvalidArgumentType):
+                request_fingerprint(request_)
+            return
+        expected = hashlib.sha256(data).hexdigest()
+        assert expected == request_fingerprint(request_)
+        assert expected == request_fingerprint(request_)  # the remembered one
+
+
+class TestRemembered:
+    def test_replays_remembered_until_pruned_here(self, store: SQLiteStore) -> None:
+        """A store object replays a done key it read from memory, until a prune through it."""
+        with idempotent_call("m-1", request=REQUEST, store=store) as call:
+            call.record({"id": 7})
+        other = SQLiteStore(store.path)  # as in another process
+        try:
+            for _ in range(2):  # read from the file, then from memory
+                with idempotent_call("m-1", request=REQUEST, store=other) as call:
+                    assert (True, {"id": 7}) == (call.replayed, call.result)
+                    call.result["id"] = 8  # each replay gets its own copy
+            with (
+                pytest.raises(IdempotencyKeyReused, match="'m-1'"),
+                idempotent_call("m-1", request={"other": 1}, store=other),
+            ):
+                pytest.fail("the body ran")
+            assert 1 == prune_idempotency(0, store=store)
+            # Pruned through another object: this one still replays (never runs twice).
+            with idempotent_call("m-1", request=REQUEST, store=other) as call:
+                assert (True, {"id": 7}) == (call.replayed, call.result)
+            assert 0 == prune_idempotency(0, store=other)
+            with idempotent_call("m-1", request=REQUEST, store=other) as call:
+                assert not call.replayed  # pruned here: new again
+                call.record({"id": 9})
+        finally:
+            other.close()
+        with idempotent_call("m-1", request=REQUEST, store=store) as call:
+            assert (True, {"id": 9}) == (call.replayed, call.result)
+
+
+class TestLeaseKeeper:
+    def test_one_timer_deadline_for_many_calls(
+        self, make_term: TermFactory, store: SQLiteStore
+    ) -> None:
+        """Calls that settle leave no renewal deadline each on the timer (it cannot cancel)."""
+        term = make_term(store=store)
+        with term.workflow("many"):
+            for i in range(200):
+                with idempotent_call(f"lk-{i}", request=REQUEST) as call:
+                    call.record(i)
+        assert len(term._timer._heap) <= 2
+
+    def test_shorter_lease_armed_after_a_longer_one(
+        self, make_term: TermFactory, tmp_path: Path
+    ) -> None:
+        """A short lease claimed while a long one is in flight is renewed on its own schedule."""
+        store = CountingStore(tmp_path / "keeper.sqlite3")
+        term = make_term(store=store)
+        try:
+            with (
+                term.workflow("keeper"),
+                idempotent_call("lk-long", request=REQUEST, lease=30.0) as long_call,
+                idempotent_call("lk-short", request=REQUEST, lease=0.3) as short_call,
+            ):
+                with store.renewed:
+                    assert store.renewed.wait_for(lambda: store.renewals >= 3, WAIT)
+                info = store.idem_info("lk-long")
+                assert info is not None
+                assert info.lease_expires > time.time() + 20  # not renewed: not due yet
+                short_call.record("short")
+                long_call.record("long")
+            assert ("done", "done") == (store.idem_status("lk-short"), store.idem_status("lk-long"))
+        finally:
+            store.close()
 
 
 class TestPrune:
