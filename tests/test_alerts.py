@@ -113,42 +113,49 @@ class TestTerminatorAlerts:
         term.add_alert_listener(seen.append)
         release = threading.Event()
         thread = _stuck_workflow(term, "stuck", release)
-        assert ts.WorkflowState.KILLED == term.kill("stuck", by=ADMIN).wait(10)
-        alerts = {(e.details["rule"], e.details["severity"]) for e in _events(term, "alert")}
-        assert ("failed_kills", "critical") in alerts
-        assert ("orphans", "critical") in alerts
-        assert {("failed_kills", "critical"), ("orphans", "critical")} <= {
-            (a.rule, a.severity) for a in seen
-        }
-        snap = term.metrics()
-        assert (1, 1, 1) == (snap.kills_failed, snap.orphans, snap.orphans_alive)
-        assert 1.0 == snap.failed_rate
-        release.set()
+        try:
+            assert ts.WorkflowState.KILLED == term.kill("stuck", by=ADMIN).wait(10)
+            alerts = {(e.details["rule"], e.details["severity"]) for e in _events(term, "alert")}
+            assert ("failed_kills", "critical") in alerts
+            assert ("orphans", "critical") in alerts
+            assert {("failed_kills", "critical"), ("orphans", "critical")} <= {
+                (a.rule, a.severity) for a in seen
+            }
+            snap = term.metrics()
+            assert (1, 1, 1) == (snap.kills_failed, snap.orphans, snap.orphans_alive)
+            assert 1.0 == snap.failed_rate
+        finally:
+            release.set()
         thread.join(10)
+        assert not thread.is_alive()
         assert 0 == term.metrics().orphans_alive
         assert "resolved" in {
             e.details["severity"] for e in _events(term, "alert") if e.details["rule"] == "orphans"
         }
 
-    def test_cooperative_kill_counts_as_success(self, term: ts.Terminator) -> None:
+    def test_cooperative_kill_counts_as_success(self) -> None:
         """A workflow that unwinds itself is a successful kill and raises no alert."""
-        entered = threading.Event()
+        # Slow phases: with the fixture's 0.1 s ladder, a loaded machine can
+        # leave the woken thread unscheduled until the system phase kills it.
+        with ts.Terminator(phases=ts.Phases(30, 30), sink=ts.MemorySink()) as term:
+            entered = threading.Event()
 
-        def body() -> None:
-            with term.workflow("coop"):
-                entered.set()
-                while True:
-                    ts.sleep(0.01)
+            def body() -> None:
+                with term.workflow("coop"):
+                    entered.set()
+                    while True:
+                        ts.sleep(0.01)
 
-        thread = threading.Thread(target=body)
-        thread.start()
-        assert entered.wait(10)
-        assert ts.WorkflowState.TERMINATED == term.kill("coop", by=ADMIN).wait(10)
-        thread.join(10)
-        snap = term.metrics()
-        assert (1, 0, 1.0) == (snap.kills_succeeded, snap.kills_failed, snap.success_rate)
-        assert snap.kill_latency_p50 is not None
-        assert [] == _events(term, "alert")
+            thread = threading.Thread(target=body)
+            thread.start()
+            assert entered.wait(10)
+            assert ts.WorkflowState.TERMINATED == term.kill("coop", by=ADMIN).wait(10)
+            thread.join(10)
+            assert not thread.is_alive()
+            snap = term.metrics()
+            assert (1, 0, 1.0) == (snap.kills_succeeded, snap.kills_failed, snap.success_rate)
+            assert snap.kill_latency_p50 is not None
+            assert [] == _events(term, "alert")
 
     def test_slow_cleanup_raises_a_warning(self) -> None:
         """A cleanup that takes longer than the threshold raises the cleanup_time warning."""
@@ -171,7 +178,7 @@ class TestTerminatorAlerts:
                 pass
 
         seen: list[Alert] = []
-        with ts.Terminator(phases=ts.Phases(1, 1), sink=BrokenSink()) as term:
+        with ts.Terminator(phases=ts.Phases(30, 30), sink=BrokenSink()) as term:
             term.add_alert_listener(seen.append)
             entered = threading.Event()
 
@@ -186,6 +193,7 @@ class TestTerminatorAlerts:
             assert entered.wait(10)
             assert ts.WorkflowState.TERMINATED == term.kill("w", by=ADMIN).wait(10)
             thread.join(10)
+            assert not thread.is_alive()
             assert term.flush(10)  # also waits for the alert the failures raised
             snap = term.metrics()
             assert snap.events_dropped >= 3
