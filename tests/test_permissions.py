@@ -49,9 +49,10 @@ class Fleet:
     """Real workflows in every state the validation distinguishes."""
 
     def __init__(self) -> None:
-        self.term = ts.Terminator(
-            phases=ts.Phases(0.05, 0.05), sink=ts.MemorySink(), hook_timeout=1
-        )
+        # A long graceful phase lets the cooperative workflow unwind however
+        # loaded the machine is; the stuck one is killed with force=True, which
+        # skips that phase and reaches the system phase after 0.05 s.
+        self.term = ts.Terminator(phases=ts.Phases(30, 0.05), sink=ts.MemorySink(), hook_timeout=1)
         self.term.register_policy("max-runtime", lambda wf, p: True)
         self.term.register_policy("never", lambda wf, p: False)
         self.term.register_policy("broken", _crash)
@@ -75,7 +76,7 @@ class Fleet:
         assert ts.WorkflowState.TERMINATED == self.term.kill("terminated", by=admin).wait(10)
         # killed: a thread that never reaches a cancellation point
         self._hold("killed", section=False)
-        assert ts.WorkflowState.KILLED == self.term.kill("killed", by=admin).wait(10)
+        assert ts.WorkflowState.KILLED == self.term.kill("killed", by=admin, force=True).wait(10)
 
     def _hold(self, wid: str, *, section: bool, cooperative: bool = False) -> None:
         entered = threading.Event()
@@ -104,6 +105,7 @@ class Fleet:
         for thread in self.threads:
             thread.join(10)
         self.term.close()
+        assert [] == [t.name for t in self.threads if t.is_alive()], "fleet threads left running"
 
 
 @pytest.fixture(scope="module")
