@@ -313,16 +313,30 @@ def _dumps(value: Any, what: str) -> str:
         raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
 
 
-_identity_cache: tuple[Identity, str] | None = None
+# Bumped in a forked child: what a process caches about itself (its identity,
+# its connections) is recomputed there. Cheaper to compare than os.getpid(),
+# which is a system call, on every statement.
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+_identity_cache: tuple[int, str] | None = None
 
 
 def _identity_json() -> str:
-    """``current_identity()`` as JSON, encoded once per process (it is on every journal write)."""
+    """``current_identity()`` as JSON, encoded once per process (it is on every claim)."""
     global _identity_cache
-    ident = current_identity()
     cached = _identity_cache
-    if cached is None or cached[0] is not ident:
-        cached = _identity_cache = (ident, json.dumps(ident.as_dict()))
+    if cached is None or cached[0] != _fork_generation:
+        cached = (_fork_generation, json.dumps(current_identity().as_dict()))
+        _identity_cache = cached
     return cached[1]
 
 
@@ -450,10 +464,18 @@ class SQLiteStore:
 
     def _conn(self, durable: bool = True) -> sqlite3.Connection:
         local = self._local
-        pid = os.getpid()
-        if getattr(local, "pid", None) != pid:
+        try:
+            if local.generation == _fork_generation:
+                return local.conns[durable]  # type: ignore[no-any-return]
+        except (AttributeError, KeyError):
+            pass
+        return self._connect(durable)
+
+    def _connect(self, durable: bool) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "generation", None) != _fork_generation:
             # New thread, or a forked child: never reuse a parent's connection.
-            local.pid = pid
+            local.generation = _fork_generation
             local.conns = {}
         conns: dict[bool, sqlite3.Connection] = local.conns
         conn = conns.get(durable)
