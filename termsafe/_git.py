@@ -925,6 +925,10 @@ class GitOperation:
             self._scope.hold_section(section)
             self._started = time.time()
             self._locate()
+            # Journaled before any git that can take a lock runs (``write-tree``
+            # takes index.lock): a SIGKILL while the entry state is read leaves
+            # an entry that removes such locks and restores nothing.
+            self._journal_state()
             self._record_entry_state()
             self._journal_state()
             self._scope.on_rollback(self._rollback_hook)

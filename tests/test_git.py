@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import random
 import select
+import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -573,6 +576,54 @@ class TestSweep:
         assert "" == fsck(repo)
         assert [] == store.journal_entries()
 
+    def test_sigkill_while_reading_the_entry_state(
+        self, tmp_path: Path, repo: Path, store: SQLiteStore
+    ) -> None:
+        """A SIGKILL while ``write-tree`` holds index.lock on entry: the sweep removes the lock."""
+        mark = tmp_path / "mark"
+        real_git = shutil.which("git")
+        assert real_git is not None
+        wrapper = tmp_path / "git-wrapper"
+        # write-tree takes index.lock on entry; this one takes it and then hangs there.
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            'case " $* " in *" write-tree "*)\n'
+            f'  : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
+            f"  : > {shlex.quote(str(mark))}\n"
+            "  exec sleep 60;;\n"
+            "esac\n"
+            f'exec {shlex.quote(real_git)} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        code = (
+            "import sys\n"
+            "from termsafe import git_operation\n"
+            "from termsafe._store import SQLiteStore\n"
+            "with git_operation(sys.argv[1], store=SQLiteStore(sys.argv[2]), git=sys.argv[3]):\n"
+            "    pass\n"
+        )
+        old = refs(repo)
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, str(repo), str(store.path), str(wrapper)],
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + WAIT
+            while not mark.exists():  # the wrapper holds the lock once the mark exists
+                assert child.poll() is None, "the operation ended before write-tree"
+                assert time.monotonic() < deadline, "write-tree never ran"
+                time.sleep(0.01)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)  # the workflow process and its git
+            child.wait(WAIT)
+        assert ["index.lock"] == locks(repo)
+        report = ts.sweep_journal(store)
+        # The git child's own entry is the supervisor's to settle, not the sweep's.
+        assert {"child_process"} >= {e.kind for e in report.left}, report.left
+        assert [] == locks(repo)
+        assert old == refs(repo)
+        assert [] == [e.kind for e in store.journal_entries() if e.kind != "child_process"]
+
     def test_payload_is_checked(self) -> None:
         """A payload that is not git_operation's is refused, naming it."""
         with pytest.raises(ConfigurationError, match="'lock'"):
@@ -918,6 +969,11 @@ def _git_worker(repo: str, store_path: str) -> None:
     # PR_SET_CHILD_SUBREAPER: orphaned git processes become our children, so
     # they can be waited for (or killed) and reaped, not left to init.
     assert 0 == libc.prctl(36, 1, 0, 0, 0)
+    # Loaded once here, not in every forked child: importing the recovery
+    # (filelock and all) was most of each recovery child's run. Imports only:
+    # nothing is opened, so nothing crosses the forks.
+    for module in ("termsafe._audit", "termsafe._recovery"):
+        importlib.import_module(module)
     for line in sys.stdin:
         spec = json.loads(line)
         r, w = os.pipe()
