@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import attrs
@@ -212,6 +213,26 @@ def _send(proc: psutil.Process, sig: int) -> bool:
     return True
 
 
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` for ``procs`` to end; return those still alive.
+
+    Our own children are reaped (``psutil.wait_procs``). A zombie that is not
+    ours counts as gone: it has died, and only its parent (or init, which in a
+    container may take seconds) can reap it.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    alive = procs
+    while True:
+        _, alive = psutil.wait_procs(alive, timeout=0)
+        alive = _alive(alive)
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            return alive
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.05)
+
+
 def kill_tree(
     pid: int,
     start_time: float | None = None,
@@ -244,7 +265,7 @@ def kill_tree(
                 signalled.append(proc.pid)
         except (PermissionError, psutil.AccessDenied):
             continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = _wait_gone(procs, timeout)
     killed: list[int] = []
     for _round in range(3):
         # Anything still alive, plus anything the tree forked since the snapshot.
@@ -258,6 +279,6 @@ def kill_tree(
                     killed.append(proc.pid)
             except (PermissionError, psutil.AccessDenied):
                 continue
-        _, alive = psutil.wait_procs(targets, timeout=max(1.0, timeout / 2))
+        alive = _wait_gone(targets, max(1.0, timeout / 2))
     survivors = tuple(p.pid for p in _alive(list(alive)))
     return TreeKill(tuple(signalled), tuple(dict.fromkeys(killed)), survivors)
