@@ -58,7 +58,7 @@ from termsafe import (
     run_pending_compensations,
 )
 from termsafe._idempotency import request_fingerprint
-from termsafe._store import SQLiteStore
+from termsafe._store import APPLICATION_ID, MIGRATIONS, SQLiteStore
 
 BACKENDS = ["asyncio", "trio"]
 ALICE = Principal("alice")
@@ -1316,6 +1316,41 @@ class TestRemembered:
             other.close()
         with idempotent_call("m-1", request=REQUEST, store=store) as call:
             assert (True, {"id": 9}) == (call.replayed, call.result)
+
+
+class TestStoreSchema:
+    def test_version_one_store_migrated(self, tmp_path: Path) -> None:
+        """A store of schema version 1 is migrated on open: records kept, CHECK kept, it replays."""
+        path = tmp_path / "v1.sqlite3"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(MIGRATIONS[0])
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+        owner = json.dumps({"host": "elsewhere", "pid": 1, "start_time": 1.0})
+        conn.execute(
+            "INSERT INTO idempotency(key, fingerprint, status, result, epoch, owner, "
+            "lease_expires, sent, created_at, updated_at) "
+            "VALUES ('v1-done', ?, 'done', '{\"id\": 1}', 3, ?, 0, 1, 1.0, 2.0)",
+            (request_fingerprint(REQUEST), owner),
+        )
+        conn.close()
+        store = SQLiteStore(path)
+        try:
+            assert len(MIGRATIONS) == store.schema_version
+            with idempotent_call("v1-done", request=REQUEST, store=store) as call:
+                assert (True, {"id": 1}, 3) == (call.replayed, call.result, call.epoch)
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                store._conn().execute(
+                    "UPDATE idempotency SET status = 'bogus' WHERE key = 'v1-done'"
+                )
+            indexes = store._conn().execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'idempotency'"
+            )
+            assert "idempotency_updated" in {name for (name,) in indexes}
+            assert "ok" == store.integrity_check()
+        finally:
+            store.close()
 
 
 class TestLeaseKeeper:
