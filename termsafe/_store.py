@@ -25,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -464,7 +465,7 @@ class SQLiteStore:
         self._conns: list[sqlite3.Connection] = []
         self._closed = False
         # Recorded results this object has read, by key: (fingerprint, JSON, epoch).
-        self._done: dict[str, tuple[str, str, int]] = {}
+        self._done: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._done_lock = threading.Lock()
         self._done_gen = 0  # bumped by every prune
         self._check_file()
@@ -687,7 +688,7 @@ class SQLiteStore:
             if generation != self._done_gen:
                 return
             if key not in done and len(done) >= DONE_CACHE_SIZE:
-                del done[next(iter(done))]  # the oldest
+                done.popitem(last=False)  # the oldest
             done[key] = (fingerprint, result, epoch)
 
     def idem_claim(
