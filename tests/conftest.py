@@ -19,6 +19,17 @@ SLOW = Phases(30.0, 30.0)
 WAIT = 10.0
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--chaos-runs`` (registered here: options of sub-folder conftests may come too late)."""
+    parser.addoption(
+        "--chaos-runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N times as many trials in tests/chaos (default 1: about a minute)",
+    )
+
+
 class Job(Generic[T]):
     """A thread running ``fn``; ``result()`` joins it and returns or re-raises."""
 
