@@ -1,0 +1,1 @@
+"""The chaos suite: random real kills, storage faults, partitions and supervisor crashes."""
