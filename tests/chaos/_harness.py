@@ -127,6 +127,8 @@ class ChaosRun:
         self.violations: list[str] = []
         self.trials = 0
         self.stats: dict[str, int] = {}
+        #: This test's share of the tally's faults (``count()``).
+        self.counts: dict[str, int] = {}
         self._started = time.monotonic()
         self._recorded = False
 
@@ -152,6 +154,12 @@ class ChaosRun:
     def note(self, stat: str, n: int = 1) -> None:
         """Count something that happened (shown when the test fails)."""
         self.stats[stat] = self.stats.get(stat, 0) + n
+
+    def count(self, what: str) -> None:
+        """Count a fault that really happened: ``storage_faults``, ``partitions``,
+        ``supervisor_crashes`` or ``known_bugs`` (this test's and the run's tally)."""
+        setattr(self.tally, what, getattr(self.tally, what) + 1)
+        self.counts[what] = self.counts.get(what, 0) + 1
 
     def count_signals(self, report: JSON) -> None:
         """Count the signals a worker sent to a live workflow process."""
@@ -745,15 +753,13 @@ FILES = {
 }
 
 
-def known_old_tree(name: str, marks: Marks) -> bool:
-    """Whether leftover ``name`` is the known bug's: the old tree of the directory,
-    exactly where the injected fault broke its removal (see KNOWN_OLD_TREE_LEAK)."""
-    if not KNOWN_OLD_TREE_LEAK or marks.fault is None:
+def known_old_tree(name: str, *, marks: Marks, swapped: bool) -> bool:
+    """Whether leftover ``name`` is the known bug's (see KNOWN_OLD_TREE_LEAK): a fault
+    fired, the directory's swap went through (``swapped``: it holds the trial's
+    version), and what is left is its old tree, under the backup or staging name."""
+    if not KNOWN_OLD_TREE_LEAK or marks.fault is None or not swapped:
         return False
-    base = os.path.basename(name)
-    return base == os.path.basename(marks.fault["path"]) and base.startswith(
-        (f"{BACKUP_PREFIX}site-", f"{STAGE_PREFIX}site-")
-    )
+    return os.path.basename(name).startswith((f"{BACKUP_PREFIX}site-", f"{STAGE_PREFIX}site-"))
 
 
 def temps(data: Path) -> list[str]:

@@ -209,7 +209,7 @@ class TestStorageFaults:
                 chaos_run.count_signals(report)
                 marks = Marks(report)
                 if marks.fault is not None:
-                    chaos_run.tally.storage_faults += 1
+                    chaos_run.count("storage_faults")
                     chaos_run.note(f"{fault['channel']} {fault['mode']} faults")
                 problems = process_problems(
                     report, marks, signal_planned=kill["signal"] if kill else None
@@ -219,11 +219,15 @@ class TestStorageFaults:
                 problems += site.check_audit()
                 if marks.fault is not None and fault.get("mode") == "torn":
                     torn += bool(site.trail.read_bytes()[-1:] != b"\n")
+                version = site.data / FILES["dir"][0] / "version.txt"
+                swapped = version.exists() and version.read_text() == str(trial + 1)
                 recovered, found = site.recover(
-                    worker, cli=trial % 6 == 5, known=functools.partial(known_old_tree, marks=marks)
+                    worker,
+                    cli=trial % 6 == 5,
+                    known=functools.partial(known_old_tree, marks=marks, swapped=swapped),
                 )
                 if recovered.get("known"):
-                    chaos_run.tally.known_bugs += 1
+                    chaos_run.count("known_bugs")
                     chaos_run.note(f"KNOWN BUG hit in trial {trial}")
                 problems += found
                 problems += judge_files(files, ops, marks, fault, site)
@@ -236,7 +240,7 @@ class TestStorageFaults:
         finally:
             worker.close()
         chaos_run.finish()
-        assert chaos_run.tally.storage_faults > 0
+        assert chaos_run.counts.get("storage_faults", 0) > 0
 
     def test_sqlite_faults(self, chaos_run: ChaosRun, site: Site, tmp_path: Path) -> None:
         """A full disk (tmpfs) or EFBIG during a transaction, then a kill: all or nothing."""
@@ -306,7 +310,7 @@ class TestStorageFaults:
                     if not any(text in error["message"] for text in SQLITE_DISK_ERRORS):
                         problems.append(f"the transaction failed with {error}")
                     else:
-                        chaos_run.tally.storage_faults += 1
+                        chaos_run.count("storage_faults")
                         chaos_run.note(f"{fault} errors")
                 try:
                     applied = databases.applied(scenario, trial)
