@@ -138,13 +138,13 @@ class TestTempFiles:
         assert "old" == target.read_text(encoding="utf-8")
 
     def test_killed_before_the_temp_existed(self, folder: Path, store: SQLiteStore) -> None:
-        """Killed between journaling and mkstemp: nothing to remove, the entry is settled."""
+        """Killed between journaling and creating the temp: nothing to remove, entry settled."""
         proc = run_python(
             """
-            import tempfile
-            def mkstemp(*args, **kwargs):
+            from termsafe import _atomic
+            def make_temp(*args, **kwargs):
                 die()
-            tempfile.mkstemp = mkstemp
+            _atomic._make_temp = make_temp
             with atomic_file(TARGET, "wb", store=STORE) as f:
                 pass
             """,
