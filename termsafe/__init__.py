@@ -124,6 +124,11 @@ if _typing.TYPE_CHECKING:
         TRANSITIONS,
         WorkflowState,
     )
+    from ._store import (
+        SQLiteStore,
+        Store,
+        open_default_store,
+    )
     from ._supervisor import (
         RunResult,
         Supervisor,
@@ -187,6 +192,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "_sections": ("CriticalSection", "critical_section", "shielded"),
     "_signals": ("SignalHandlers", "install_signal_handlers"),
     "_states": ("TRANSITIONS", "WorkflowState"),
+    "_store": ("SQLiteStore", "Store", "open_default_store"),
     "_supervisor": ("RunResult", "Supervisor"),
     "_terminator": ("KillHandle", "Phases", "TerminationRequest", "Terminator", "get_terminator"),
     "_timeline": ("render_timeline_svg",),
@@ -255,7 +261,9 @@ __all__ = [
     "RecoveredRun",
     "Replay",
     "RunResult",
+    "SQLiteStore",
     "SignalHandlers",
+    "Store",
     "StoreCorrupt",
     "Supervisor",
     "SweepReport",
@@ -286,6 +294,7 @@ __all__ = [
     "install_signal_handlers",
     "on_cleanup",
     "on_rollback",
+    "open_default_store",
     "prune_idempotency",
     "recover",
     "redact_fields",
