@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import json
@@ -614,7 +615,14 @@ class TestSweep:
                 assert time.monotonic() < deadline, "write-tree never ran"
                 time.sleep(0.01)
         finally:
-            os.killpg(child.pid, signal.SIGKILL)  # the workflow process and its git
+            # The workflow process and its git (which may lead its own session).
+            try:
+                kids = [p.pid for p in psutil.Process(child.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                kids = []
+            for pid in [child.pid, *kids]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             child.wait(WAIT)
         assert ["index.lock"] == locks(repo)
         report = ts.sweep_journal(store)
