@@ -910,6 +910,7 @@ class _AtomicDirectory:
             return
         scope = self._scope
         assert scope is not None
+        removed = True
         try:
             try:
                 with scope.committing():
@@ -924,15 +925,16 @@ class _AtomicDirectory:
                             ) from None
             finally:
                 if self._state == "committed":
-                    self._remove_old()
+                    removed = self._remove_old()
         except BaseException:
             if self._state != "committed":
                 self._abort()
                 raise
-            scope.succeeded()
+            # An old tree left behind keeps its journal entry: recovery removes it.
+            scope.succeeded(keep_journal=not removed)
             self._emit_committed()
             raise
-        scope.succeeded()
+        scope.succeeded(keep_journal=not removed)
         self._emit_committed()
 
     def _emit_committed(self) -> None:
@@ -986,11 +988,14 @@ class _AtomicDirectory:
             self._state = "committed"
             self._staging = None
 
-    def _remove_old(self) -> None:
-        """Remove the old tree (after the swap; outside the commit's critical work)."""
+    def _remove_old(self) -> bool:
+        """Remove the old tree (after the swap; outside the commit's critical work).
+
+        Returns whether it is gone; if not, the journal entry must stay.
+        """
         old, self._old_at = self._old_at, None
         if old is None:
-            return
+            return True
         try:
             if old == self._backup:
                 # Move it under the staging prefix (the staging name is free
@@ -1000,7 +1005,11 @@ class _AtomicDirectory:
                 old = self._staging_path
             _remove_tree(old)
         except OSError:
-            log.exception("termsafe: could not remove the old tree %r of %r", old, self.path)
+            log.exception(
+                "termsafe: could not remove the old tree %r of %r; recovery will", old, self.path
+            )
+            return False
+        return True
 
 
 def atomic_directory(

@@ -157,14 +157,20 @@ class OperationScope:
 
     # -- exit ----------------------------------------------------------------
 
-    def succeeded(self) -> None:
-        """The operation committed: take its hooks and journal entries back."""
+    def succeeded(self, *, keep_journal: bool = False) -> None:
+        """The operation committed: take its hooks and journal entries back.
+
+        With ``keep_journal`` the journal entries stay, for recovery to finish
+        what the operation could not (an old tree it failed to remove).
+        """
         wf = self.workflow
         if wf is not None:
             for hook in reversed(self._hooks):
                 wf.hooks.remove(hook)
         self._hooks.clear()
         self._local_rollbacks.clear()
+        if keep_journal:
+            return
         for entry in list(self._journal):
             self.unjournal(entry)
 

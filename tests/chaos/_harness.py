@@ -37,7 +37,6 @@ from conftest import WAIT
 
 import termsafe as ts
 from chaos._workload import charge
-from termsafe._atomic import BACKUP_PREFIX, STAGE_PREFIX
 from termsafe._procs import identity_alive
 from termsafe._store import SQLiteStore
 
@@ -48,13 +47,6 @@ TESTS = Path(__file__).resolve().parents[1]
 
 #: How long whatever a killed workflow left running may take to end on its own.
 LEFTOVER_DEADLINE = 10.0
-
-#: KNOWN BUG, replayed by tests/chaos/test_chaos_regressions.py: when removing the
-#: old tree after a swap fails, atomic_directory drops its journal entry, so recover
-#: never removes that tree. While this is True, such a leftover (the very path the
-#: fault broke, beside a directory whose swap committed) is counted as a known-bug
-#: hit and removed instead of failing the trial. Set it to False with the fix.
-KNOWN_OLD_TREE_LEAK = True
 
 
 # -- seeds, violations and the tally ------------------------------------------------------------
@@ -751,15 +743,6 @@ FILES = {
     "tar": ("archive.tar", test_atomic.judge_tar),
     "dir": ("tree/site", test_atomic.judge_dir),
 }
-
-
-def known_old_tree(name: str, *, marks: Marks, swapped: bool) -> bool:
-    """Whether leftover ``name`` is the known bug's (see KNOWN_OLD_TREE_LEAK): a fault
-    fired, the directory's swap went through (``swapped``: it holds the trial's
-    version), and what is left is its old tree, under the backup or staging name."""
-    if not KNOWN_OLD_TREE_LEAK or marks.fault is None or not swapped:
-        return False
-    return os.path.basename(name).startswith((f"{BACKUP_PREFIX}site-", f"{STAGE_PREFIX}site-"))
 
 
 def temps(data: Path) -> list[str]:

@@ -61,17 +61,6 @@ FAILING_OLD_TREE_REMOVAL = textwrap.dedent(
 
 
 class TestAtomicDirectoryOldTree:
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "KNOWN BUG found by the chaos suite (test_file_and_audit_faults: "
-            "--chaos-seed=1918295900 --chaos-runs=4 trial 52, EIO renaming the backup; "
-            "--chaos-seed=3711764446 --chaos-runs=2 trial 12, EIO opening the old tree): "
-            "when removing the old tree after the swap fails, atomic_directory logs it but "
-            "still drops its journal entry, so recover never removes the tree. Once fixed, "
-            "drop this mark and KNOWN_OLD_TREE_LEAK in tests/chaos/_harness.py."
-        ),
-    )
     @pytest.mark.parametrize("mode", ["portable", "exchange"])
     def test_recover_removes_an_old_tree_the_writer_failed_to_remove(
         self, tmp_path: Path, mode: str
