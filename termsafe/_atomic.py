@@ -171,6 +171,8 @@ def _standing_entry(store: Store | None, folder: str) -> str:
 
 def _short(name: str) -> str:
     """``name`` cut to fit in a temp's name (whole characters only)."""
+    if len(name) <= _NAME_BYTES // 4:  # no character takes more than four bytes
+        return name
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) <= _NAME_BYTES:
         return name

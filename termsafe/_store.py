@@ -205,6 +205,9 @@ class Store(Protocol):
     ) -> int:
         """Record something a crash would leave behind; return the entry id."""
 
+    def journal_update(self, entry_id: int, payload: dict[str, Any]) -> None:
+        """Replace an entry's payload (what it names became known: a child's pid)."""
+
     def journal_remove(self, entry_id: int) -> None:
         """Forget an entry (it was cleaned up or committed)."""
 
@@ -653,6 +656,17 @@ class SQLiteStore:
         entry_id = cur.lastrowid
         assert entry_id is not None
         return entry_id
+
+    def journal_update(self, entry_id: int, payload: dict[str, Any]) -> None:
+        """Replace a journal entry's payload, in one statement (the entry is never missing).
+
+        Raises:
+            InvalidArgumentType: ``payload`` is not JSON data.
+        """
+        data = _dumps(payload, "journal payload")
+        self._conn(durable=False).execute(
+            "UPDATE journal SET payload = ? WHERE id = ?", (data, entry_id)
+        )
 
     def journal_remove(self, entry_id: int) -> None:
         """Forget a journal entry (cleaned up, or committed)."""
@@ -1177,7 +1191,22 @@ _default_store: SQLiteStore | None = None
 _default_lock = threading.Lock()
 # The $TERMSAFE_HOME value _default_store was opened for: every atomic write
 # looks the store up, and building Paths to compare costs ~10 us each time.
-_default_key: str | None = None
+_default_key: object = None
+_encodekey = getattr(os.environ, "encodekey", None)
+_HOME_KEY: Final[object] = _encodekey("TERMSAFE_HOME") if callable(_encodekey) else None
+
+
+def _home_setting() -> object:
+    """``$TERMSAFE_HOME`` as the environment holds it, to compare (never used as a path).
+
+    Read from ``os.environ``'s own mapping where it has one (CPython):
+    ``os.environ.get`` is four Python calls deep, and this runs on every safe
+    operation that uses the default store.
+    """
+    data = getattr(os.environ, "_data", None)
+    if _HOME_KEY is not None and isinstance(data, dict):
+        return data.get(_HOME_KEY)
+    return os.environ.get("TERMSAFE_HOME")
 
 
 def open_default_store() -> SQLiteStore:
@@ -1187,7 +1216,7 @@ def open_default_store() -> SQLiteStore:
         StoreCorrupt: the file there is not a termsafe store.
     """
     global _default_store, _default_key
-    key = os.environ.get("TERMSAFE_HOME") or ""
+    key = _home_setting()
     store = _default_store
     if store is not None and not store._closed and key == _default_key:
         return store
