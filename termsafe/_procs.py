@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ __all__ = [
     "identity_alive",
     "kill_tree",
     "process_start_time",
+    "processes_with_env",
     "snapshot_tree",
 ]
 
@@ -166,6 +168,41 @@ def snapshot_tree(pid: int, start_time: float | None = None) -> list[psutil.Proc
             except (OSError, psutil.Error):
                 continue
     return list(found.values())
+
+
+def processes_with_env(name: str, values: Collection[str]) -> dict[str, list[psutil.Process]]:
+    """The live processes whose environment sets ``name`` to one of ``values``.
+
+    Reads the environment each process was started with (``/proc/PID/environ``
+    on Linux, which ``setenv`` or ``os.environ`` changes made later do not
+    alter; an exec with another environment does). Processes this user may not
+    read (another user's), zombies and processes that end meanwhile are
+    skipped; so is the caller.
+
+    Args:
+        name: The environment variable.
+        values: The values looked for.
+
+    Returns:
+        For each value found, the processes carrying it (``psutil.Process``
+        objects, which carry their start time: signalling one later never hits
+        a reused pid).
+    """
+    wanted = frozenset(values)
+    found: dict[str, list[psutil.Process]] = {}
+    if not wanted:
+        return found
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            value = proc.environ().get(name)
+        except (psutil.Error, OSError, NotImplementedError):
+            continue  # gone, a zombie, another user's, or unreadable on this system
+        if value in wanted:
+            found.setdefault(value, []).append(proc)
+    return found
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
