@@ -1,27 +1,41 @@
 """Child processes of a workflow: started in their own session, journaled, and
 stopped as a whole tree when the workflow ends or a kill reaches the forced phase.
+
+``spawn`` journals its child *before* starting it: a ``child_process`` entry
+holding a random token, which the child gets in its environment as
+``TERMSAFE_SPAWN_TOKEN``. Once ``Popen`` returns, the same entry is updated
+with the child's pid and start time. A SIGKILL between the fork and that
+update leaves an entry without a pid; ``recover()`` then finds the child (and
+every descendant that kept the environment) by the token.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import subprocess
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ._exceptions import InvalidArgumentType
-from ._procs import TreeKill, kill_tree, process_start_time
+from ._procs import TreeKill, kill_tree, process_start_time, processes_with_env
 from ._safeop import OperationScope
 from ._workflow import Workflow
 
 if TYPE_CHECKING:
     from ._terminator import Terminator
 
-__all__ = ["TrackedProcess", "spawn", "track_process"]
+__all__ = ["SPAWN_TOKEN_ENV", "TrackedProcess", "spawn", "track_process"]
 
 log = logging.getLogger("termsafe")
+
+#: The environment variable ``spawn`` sets in every child it starts: the random
+#: token of the child's journal entry, written before the child exists.
+SPAWN_TOKEN_ENV: Final = "TERMSAFE_SPAWN_TOKEN"  # noqa: S105 (a variable's name, no secret)
+_SPAWN_TOKEN_ENVB: Final = SPAWN_TOKEN_ENV.encode()
 
 _tracked: weakref.WeakKeyDictionary[Workflow, list[TrackedProcess]] = weakref.WeakKeyDictionary()
 _armed: weakref.WeakSet[Terminator] = weakref.WeakSet()
@@ -134,8 +148,14 @@ def track_process(
         raise InvalidArgumentType(f"process must be a subprocess.Popen or a pid (got {process!r})")
     tracked = TrackedProcess(pid, process_start_time(pid), popen)
     scope = OperationScope("fs", f"process {pid}", store)
-    tracked._scope = scope
     tracked._entry = scope.journal("child_process", {"pid": pid, "start_time": tracked.start_time})
+    _register(tracked, scope, stop_timeout)
+    return tracked
+
+
+def _register(tracked: TrackedProcess, scope: OperationScope, stop_timeout: float) -> None:
+    """Hand ``tracked`` to the scope's workflow: stopped when it ends, killed when forced."""
+    tracked._scope = scope
     wf = scope.workflow
     if wf is not None:
         scope.on_cleanup(lambda: tracked.stop(timeout=stop_timeout))
@@ -147,7 +167,6 @@ def track_process(
                 _armed.add(term)
         if arm:
             term.add_forced_action(_kill_tracked)
-    return tracked
 
 
 def spawn(
@@ -163,12 +182,19 @@ def spawn(
     workflow's terminal does not reach it and the whole tree can be stopped
     together. See ``track_process`` for what tracking does.
 
+    The child is journaled before it is started: a ``child_process`` entry
+    with a random token, which the child's environment carries as
+    ``TERMSAFE_SPAWN_TOKEN`` (``SPAWN_TOKEN_ENV``); when ``Popen`` returns,
+    the entry gets the child's pid and start time. If this process is
+    SIGKILLed in between, ``recover()`` finds the child by the token.
+
     Args:
         args: As for ``subprocess.Popen``.
         store: As for ``track_process``.
         stop_timeout: As for ``track_process``.
         **popen_kwargs: Passed to ``subprocess.Popen`` (``start_new_session``
-            defaults to ``True``).
+            defaults to ``True``; ``env``, default this process's environment,
+            is copied and gets ``TERMSAFE_SPAWN_TOKEN``).
 
     Returns:
         The ``Popen``; ``popen.termsafe`` is its ``TrackedProcess``.
@@ -187,12 +213,57 @@ def spawn(
 
             raise Terminated(wf.id, wf.kill_reason)
     popen_kwargs.setdefault("start_new_session", True)
-    popen: subprocess.Popen[Any] = subprocess.Popen(args, **popen_kwargs)
+    token = secrets.token_hex(16)
+    given = popen_kwargs.get("env")
+    env: dict[Any, Any]
+    if given is None and os.supports_bytes_environ:
+        # The bytes view: Popen encodes every str pair again (twice the cost).
+        env = {**os.environb, _SPAWN_TOKEN_ENVB: token.encode()}
+    else:
+        # One name, one value: an inherited token (this process was spawned
+        # too) in the other type would reach the child as a second entry.
+        env = dict(os.environ if given is None else given)
+        env.pop(_SPAWN_TOKEN_ENVB, None)
+        env[SPAWN_TOKEN_ENV] = token
+    popen_kwargs["env"] = env
+    scope = OperationScope("fs", "process", store)
+    # Journaled before the child exists: a SIGKILL between the fork and the
+    # update below leaves an entry that still finds the child, by its token.
+    entry = scope.journal("child_process", {"token": token})
     try:
-        tracked = track_process(popen, store=store, stop_timeout=stop_timeout)
+        popen: subprocess.Popen[Any] = subprocess.Popen(args, **popen_kwargs)
+    except Exception:
+        # Popen raises an Exception only when no child runs: it failed before
+        # the fork, or reaped a child whose exec (or preexec_fn) failed.
+        scope.unjournal(entry)
+        raise
+    except BaseException:
+        # Interrupted while waiting for the exec: a child may run, not yet
+        # known by its pid. Stop what already carries the token; the entry
+        # stays for recovery, should one still be about to exec.
+        _stop_carriers(token)
+        raise
+    try:
+        tracked = TrackedProcess(popen.pid, process_start_time(popen.pid), popen)
+        scope.name = f"process {popen.pid}"
+        if entry is not None:
+            assert scope.store is not None
+            payload = {"pid": popen.pid, "start_time": tracked.start_time, "token": token}
+            scope.store.journal_update(entry, payload)
+        tracked._entry = entry
+        _register(tracked, scope, stop_timeout)
         popen.termsafe = tracked  # type: ignore[attr-defined]
     except BaseException:
         kill_tree(popen.pid, force=True, timeout=1.0)
         popen.wait()
+        scope.unjournal(entry)
         raise
     return popen
+
+
+def _stop_carriers(token: str) -> None:
+    for proc in processes_with_env(SPAWN_TOKEN_ENV, (token,)).get(token, ()):
+        try:
+            kill_tree(proc.pid, proc.create_time(), force=True, timeout=1.0)
+        except Exception:
+            log.exception("termsafe: could not stop process %d started by spawn", proc.pid)

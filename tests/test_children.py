@@ -11,6 +11,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -184,3 +185,98 @@ class TestSpawnInWorkflow:
         """track_process names what it was given when it is not a process."""
         with pytest.raises(ts.InvalidArgumentType, match="'12'"):
             track_process("12")  # type: ignore[arg-type]
+
+
+# Prints the spawn token and FOO from its environment, and how many times the
+# token's name is in the environment it was started with; then waits for stdin.
+SHOW_ENV = (
+    "import os, sys\n"
+    "with open('/proc/self/environ', 'rb') as f:\n"
+    "    names = f.read().count(b'TERMSAFE_SPAWN_TOKEN=')\n"
+    "print(os.environ['TERMSAFE_SPAWN_TOKEN'], os.environ.get('FOO'), names, flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+class TestSpawnJournal:
+    def _spawn(self, store: SQLiteStore, **kwargs: Any) -> tuple[subprocess.Popen[str], str]:
+        popen = spawn(
+            [sys.executable, "-c", SHOW_ENV],
+            store=store,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
+        assert popen.stdout is not None
+        return popen, popen.stdout.readline()
+
+    def _stop(self, popen: subprocess.Popen[str]) -> None:
+        popen.termsafe.stop(timeout=1.0)  # type: ignore[attr-defined]
+        for stream in (popen.stdin, popen.stdout):
+            assert stream is not None
+            stream.close()
+
+    def test_entry_holds_pid_start_time_and_the_childs_token(self, store: SQLiteStore) -> None:
+        """A spawned child's one entry names its pid, its start time and its environment's token."""
+        popen, line = self._spawn(store)
+        try:
+            token = line.split()[0]
+            [entry] = store.journal_entries()
+            expected = {
+                "pid": popen.pid,
+                "start_time": psutil.Process(popen.pid).create_time(),
+                "token": token,
+            }
+            assert ("child_process", expected) == (entry.kind, entry.payload)
+            assert 32 == len(token)
+        finally:
+            self._stop(popen)
+        assert [] == store.journal_entries()
+
+    def test_tokens_differ_between_children(self, store: SQLiteStore) -> None:
+        """Each spawned child gets a token of its own."""
+        first, line1 = self._spawn(store)
+        try:
+            second, line2 = self._spawn(store)
+            self._stop(second)
+        finally:
+            self._stop(first)
+        assert line1.split()[0] != line2.split()[0]
+
+    def test_given_env_is_kept_and_left_unchanged(self, store: SQLiteStore) -> None:
+        """An env given to spawn reaches the child, token added; the caller's dict is unchanged."""
+        given = {**os.environ, "FOO": "bar"}
+        popen, line = self._spawn(store, env=given)
+        try:
+            assert "bar" == line.split()[1]
+            assert "TERMSAFE_SPAWN_TOKEN" not in given
+        finally:
+            self._stop(popen)
+
+    @pytest.mark.parametrize("given", [None, "str", "bytes"])
+    def test_inherited_token_is_replaced(
+        self, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, given: str | None
+    ) -> None:
+        """A process itself spawned passes its child one token, the child's own, in any env."""
+        monkeypatch.setenv("TERMSAFE_SPAWN_TOKEN", "outer")
+        env: dict[Any, Any] | None = None
+        if given == "str":
+            env = dict(os.environ)
+        elif given == "bytes":
+            env = dict(os.environb)
+        popen, line = self._spawn(store, env=env)
+        try:
+            token, _, names = line.split()
+            [entry] = store.journal_entries()
+            assert (entry.payload["token"], "1") == (token, names)
+        finally:
+            self._stop(popen)
+
+    def test_program_that_cannot_start_leaves_no_entry(
+        self, store: SQLiteStore, tmp_path: Path
+    ) -> None:
+        """When Popen cannot start the program, its entry is gone too."""
+        with pytest.raises(FileNotFoundError):
+            spawn([str(tmp_path / "no-such-program")], store=store)
+        assert [] == store.journal_entries()
