@@ -16,8 +16,13 @@ not count), undoes the leftover and removes the entry:
 ``git_lock``
     hands the entry to ``termsafe._git.sweep_stale_lock`` (left with a note if
     that module is not there).
-``child_process``, ``lock``
-    left for the supervisor (another issue).
+``child_process``
+    left alone: stopping a dead owner's child processes is ``recover()``'s
+    step before the sweep (the supervisor runs ``recover()`` when its command
+    ends, and so does ``termsafe recover``); an entry still here afterwards
+    names a process that survived SIGKILL.
+``lock``
+    left (nothing journals one yet).
 
 Every step is idempotent and the whole sweep runs under a file lock next to
 the store, so sweeps may run at once from several processes, and again after
@@ -124,7 +129,7 @@ class _Sweep:
         if entry.kind == "git_lock":
             return self._git_lock(payload)
         if entry.kind == "child_process":
-            return "child processes are settled by the supervisor, not by sweep_journal"
+            return "child processes are stopped by recover() (the supervisor runs it), not here"
         return f"journal kind {entry.kind!r} is not handled by sweep_journal"
 
     def _remove(self, path: str, *, tree: bool) -> str | None:
@@ -568,6 +573,41 @@ def _orphan_tree(pid: int, start: float, sessions: _Sessions) -> list[Any]:
     return tree
 
 
+def _token_carriers(
+    by_token: dict[str, int], sessions: _Sessions, targets: dict[int, Any]
+) -> dict[int, list[int]]:
+    """Add the trees of the processes carrying each token to ``targets``.
+
+    Args:
+        by_token: Journal entry ids by the spawn token they hold.
+        sessions: The session listing shared with the rest of the recovery.
+        targets: Processes to stop, by pid (added to).
+
+    Returns:
+        For each entry, the pids found through its token.
+    """
+    if not by_token:
+        return {}
+    import psutil
+
+    from ._children import SPAWN_TOKEN_ENV
+    from ._procs import processes_with_env
+
+    found: dict[int, list[int]] = {entry_id: [] for entry_id in by_token.values()}
+    for token, carriers in processes_with_env(SPAWN_TOKEN_ENV, by_token).items():
+        pids = found[by_token[token]]
+        for carrier in carriers:
+            try:
+                start = carrier.create_time()
+            except psutil.Error:
+                continue  # ended since it was found
+            for proc in _orphan_tree(carrier.pid, start, sessions):
+                targets.setdefault(proc.pid, proc)
+                if proc.pid not in pids:
+                    pids.append(proc.pid)
+    return found
+
+
 def _emitter(sink: Any) -> Any:
     from ._audit import AuditEvent, utc_timestamp
 
@@ -633,7 +673,10 @@ def recover(
     2. every ``child_process`` journal entry of a dead owner has its tree
        stopped (SIGTERM, ``kill_timeout``, SIGKILL; start times guard against
        reused pids; a dead leader's session is searched for members that left
-       its group) and our own children among them reaped;
+       its group) and our own children among them reaped; an entry ``spawn``
+       wrote before its child existed and never completed with the pid is
+       settled by finding the processes whose environment carries its token
+       (``TERMSAFE_SPAWN_TOKEN``) and stopping their trees;
     3. ``sweep_journal`` settles temp files, staging folders and stale git locks
        of dead owners;
     4. control sockets of dead processes are removed, and the live runs that
@@ -718,18 +761,29 @@ def recover(
         entries = store.journal_entries()
         dead_owned = {e.id for e in entries if e.owner.host == host and not alive(e.owner)}
         settle: list[int] = []
+        by_token: dict[str, int] = {}
         for entry in entries:
             if entry.kind != "child_process" or entry.id not in dead_owned:
                 continue
             pid, start = entry.payload.get("pid"), entry.payload.get("start_time")
             if not isinstance(pid, int) or not isinstance(start, (int, float)):
-                # No start time: the child was already gone when it was tracked,
-                # and a pid alone may name anyone by now.
-                settle.append(entry.id)
+                token = entry.payload.get("token")
+                if isinstance(token, str) and token:
+                    # Journaled by spawn() before the child existed; its pid was
+                    # never recorded (or the child was gone when it was): the
+                    # token in the environment of the child and its descendants
+                    # is what names them.
+                    by_token[token] = entry.id
+                else:
+                    # No start time: the child was already gone when it was
+                    # tracked, and a pid alone may name anyone by now.
+                    settle.append(entry.id)
                 continue
             for proc in _orphan_tree(pid, float(start), sessions):
                 targets.setdefault(proc.pid, proc)
             settle.append(entry.id)
+        carried = _token_carriers(by_token, sessions, targets)
+        settle.extend(by_token.values())
         stopped, survivors = stop_processes(list(targets.values()), grace)
         if stopped or survivors:
             emit(
@@ -743,9 +797,19 @@ def recover(
         for entry_id in settle:
             entry = next(e for e in entries if e.id == entry_id)
             pid = entry.payload.get("pid")
-            if isinstance(pid, int) and pid in survivor_set:
+            kept = [p for p in carried.get(entry_id, ()) if p in survivor_set]
+            if entry_id not in carried and isinstance(pid, int) and pid in survivor_set:
                 left.append(
                     LeftEntry(entry_id, "child_process", None, f"process {pid} survived SIGKILL")
+                )
+            elif kept:
+                left.append(
+                    LeftEntry(
+                        entry_id,
+                        "child_process",
+                        None,
+                        f"process(es) {_pids(kept)} carrying its spawn token survived SIGKILL",
+                    )
                 )
             else:
                 store.journal_remove(entry_id)

@@ -7,11 +7,13 @@ judges are tools nobody here wrote (``json.loads`` on the files written,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -263,6 +265,135 @@ class TestOrphans:
         report = ts.recover(store)
         assert (str(dead),) == report.sockets_removed
         assert mine.exists()
+
+
+# A parent caught inside spawn(), after the entry that names its child by a token
+# and before the entry gets the child's pid. preexec_fn (a Popen argument spawn
+# passes on) runs in the forked child before its exec, while the parent waits
+# inside Popen; it reports and waits for "g" on the FIFO. The child, once
+# exec'd, reports "ready" and waits for a signal.
+SPAWN_IN_WINDOW = """
+import os, sys
+from termsafe._children import spawn
+
+def hold():
+    os.write(1, b"forked %d\\n" % os.getpid())
+    with open(sys.argv[1], "rb") as go:
+        go.read(1)
+
+child = "import os, signal; os.write(1, b'ready\\\\n'); signal.pause()"
+spawn([sys.executable, "-c", child], preexec_fn=hold)
+os.write(1, b"recorded\\n")
+"""
+
+
+@contextlib.contextmanager
+def spawn_in_window(
+    home: Path, store: SQLiteStore
+) -> Iterator[tuple[subprocess.Popen[str], psutil.Process, sqlite3.Connection]]:
+    """A parent inside spawn() whose child has exec'd and whose pid it cannot journal.
+
+    The store's write lock, taken while the child waits to exec, keeps the
+    parent from recording the pid for as long as the test holds it.
+
+    Yields:
+        The parent, the child and the connection holding the lock.
+    """
+    go = home / "go"
+    os.mkfifo(go)
+    # Read-write: never blocks, and keeps the FIFO open until the child has read.
+    fifo = os.open(go, os.O_RDWR)
+    parent = python(SPAWN_IN_WINDOW, home, str(go))
+    assert parent.stdout is not None
+    lock = sqlite3.connect(store.path, isolation_level=None, timeout=WAIT)
+    child: psutil.Process | None = None
+    forked: int | None = None
+    try:
+        word, pid = parent.stdout.readline().split()
+        assert "forked" == word
+        forked = int(pid)
+        lock.execute("BEGIN IMMEDIATE")  # no journal write gets through from here on
+        os.write(fifo, b"g")
+        assert "ready\n" == parent.stdout.readline()
+        child = psutil.Process(forked)
+        yield parent, child, lock
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait(WAIT)
+        parent.stdout.close()
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        os.close(fifo)
+        if child is None and forked is not None:
+            with contextlib.suppress(psutil.Error):
+                child = psutil.Process(forked)  # still waiting to exec
+        if child is not None:
+            with contextlib.suppress(psutil.Error):
+                child.kill()  # psutil checks the start time: never a reused pid
+
+
+class TestSpawnWindow:
+    @pytest.mark.parametrize("via", ["api", "cli"])
+    def test_child_of_a_parent_killed_before_its_pid_was_journaled_is_stopped(
+        self, home: Path, store: SQLiteStore, via: str
+    ) -> None:
+        """A child whose parent died before journaling its pid is found by its token and stopped."""
+        with spawn_in_window(home, store) as (parent, child, lock):
+            [entry] = store.journal_entries("child_process")
+            token = entry.payload["token"]
+            assert {"token": token} == entry.payload
+            assert parent.pid == entry.owner.pid
+            assert token == child.environ()["TERMSAFE_SPAWN_TOKEN"]
+            parent.kill()  # SIGKILL, inside spawn(), before the pid is recorded
+            assert -signal.SIGKILL == parent.wait(WAIT)
+            lock.execute("ROLLBACK")
+            assert [{"token": token}] == [e.payload for e in store.journal_entries()]
+            if via == "api":
+                report = ts.recover(store, kill_timeout=0.2).as_dict()
+            else:
+                result = cli(home, "recover", "--json", "--kill-timeout", "0.2")
+                assert 0 == result.returncode, result.stderr
+                report = json.loads(result.stdout)
+            assert [child.pid] == report["processes_killed"]
+            assert [] == alive([child.pid])
+            assert [] == store.journal_entries()
+            assert report["clean"] is True
+
+    def test_entry_of_a_live_parent_is_left_alone(self, home: Path, store: SQLiteStore) -> None:
+        """While the parent lives, recover leaves its child and entry; then the pid is recorded."""
+        with spawn_in_window(home, store) as (parent, child, lock):
+            before = store.journal_entries("child_process")
+            report = ts.recover(store, kill_timeout=0.2)
+            assert () == report.processes_killed
+            assert [child.pid] == alive([child.pid])
+            assert before == store.journal_entries("child_process")
+            assert report.clean
+            lock.execute("ROLLBACK")  # the parent records the pid now
+            assert parent.stdout is not None
+            assert "recorded\n" == parent.stdout.readline()
+            assert 0 == parent.wait(WAIT)
+            [entry] = store.journal_entries("child_process")
+            expected = {
+                "pid": child.pid,
+                "start_time": child.create_time(),
+                "token": before[0].payload["token"],
+            }
+            assert (before[0].id, expected) == (entry.id, entry.payload)
+
+    def test_token_nobody_carries_is_dropped(self, home: Path, store: SQLiteStore) -> None:
+        """An entry of a dead parent whose child is already gone is settled; nothing is stopped."""
+        script = (
+            "from termsafe._store import SQLiteStore\n"
+            f"s = SQLiteStore({str(store.path)!r})\n"
+            f"s.journal_add('child_process', {{'token': {'0' * 32!r}}})\n"
+        )
+        subprocess.run([sys.executable, "-c", script], check=True, env=env(home), timeout=WAIT)
+        report = ts.recover(store, kill_timeout=0.2)
+        assert () == report.processes_killed
+        assert [] == store.journal_entries()
+        assert report.clean
 
 
 # The chaos worker: imports termsafe once, then forks one writer per trial and
