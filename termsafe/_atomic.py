@@ -121,10 +121,19 @@ def _token() -> str:
 _standing_lock = threading.Lock()
 _standing: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _process: tuple[int, str] | None = None
-# The last (pid, store, folder, token) _standing_entry answered, the store
-# weakly held: a writer that keeps writing into one folder skips the lock and
-# the lookups.
-_last_standing: tuple[int, weakref.ref[Any], str, str] | None = None
+# The last (store, folder, token) _standing_entry answered, the store weakly
+# held: a writer that keeps writing into one folder skips the lock and the
+# lookups. A forked child forgets it (its temps need a token of their own).
+_last_standing: tuple[weakref.ref[Any], str, str] | None = None
+
+
+def _forget_last_standing() -> None:
+    global _last_standing
+    _last_standing = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_last_standing)
 
 
 def _process_token() -> str:
@@ -145,14 +154,8 @@ def _standing_entry(store: Store | None, folder: str) -> str:
     """
     global _last_standing
     last = _last_standing
-    if (
-        last is not None
-        and store is not None
-        and last[1]() is store
-        and last[2] == folder
-        and last[0] == os.getpid()
-    ):
-        return last[3]
+    if last is not None and store is not None and last[0]() is store and last[1] == folder:
+        return last[2]
     with _standing_lock:
         token = _process_token()
         if store is None:
@@ -165,7 +168,7 @@ def _standing_entry(store: Store | None, folder: str) -> str:
             store.journal_add("temp_file", payload)
             folders.add(folder)
         if store is not None:
-            _last_standing = (os.getpid(), weakref.ref(store), folder, token)
+            _last_standing = (weakref.ref(store), folder, token)
     return token
 
 
