@@ -202,16 +202,14 @@ def spawn(
     Raises:
         OSError: the program could not be started (as ``subprocess.Popen``).
         Terminated: a kill is pending in the current workflow (no new work).
+        ForcedTermination: the terminator took the workflow over while the
+            child was starting (the child is stopped: nothing would stop it later).
     """
     from ._workflow import current_workflow
 
     wf = current_workflow()
     if wf is not None:
-        wf.deliver()
-        if wf.kill is not None:
-            from ._exceptions import Terminated
-
-            raise Terminated(wf.id, wf.kill_reason)
+        _refuse_new_work(wf)
     popen_kwargs.setdefault("start_new_session", True)
     token = secrets.token_hex(16)
     given = popen_kwargs.get("env")
@@ -230,6 +228,12 @@ def spawn(
     # Journaled before the child exists: a SIGKILL between the fork and the
     # update below leaves an entry that still finds the child, by its token.
     entry = scope.journal("child_process", {"token": token})
+    if wf is not None:
+        try:
+            _refuse_new_work(wf)  # again: a kill may have come during the write
+        except BaseException:
+            scope.unjournal(entry)
+            raise
     try:
         popen: subprocess.Popen[Any] = subprocess.Popen(args, **popen_kwargs)
     except Exception:
@@ -243,22 +247,40 @@ def spawn(
         # stays for recovery, should one still be about to exec.
         _stop_carriers(token)
         raise
+    start: float | None = None
     try:
-        tracked = TrackedProcess(popen.pid, process_start_time(popen.pid), popen)
+        start = process_start_time(popen.pid)
+        tracked = TrackedProcess(popen.pid, start, popen)
         scope.name = f"process {popen.pid}"
         if entry is not None:
             assert scope.store is not None
-            payload = {"pid": popen.pid, "start_time": tracked.start_time, "token": token}
+            payload = {"pid": popen.pid, "start_time": start, "token": token}
             scope.store.journal_update(entry, payload)
         tracked._entry = entry
         _register(tracked, scope, stop_timeout)
+        if wf is not None and wf.abandoned:
+            # The system phase took the hooks over while the child was starting:
+            # if it swept them before ours was pushed, nothing would stop the child.
+            from ._exceptions import ForcedTermination
+
+            raise ForcedTermination(wf.id, wf.kill_reason)
         popen.termsafe = tracked  # type: ignore[attr-defined]
     except BaseException:
-        kill_tree(popen.pid, force=True, timeout=1.0)
+        if popen.poll() is None:  # not reaped (by a stop the terminator ran): still ours
+            kill_tree(popen.pid, start, force=True, timeout=1.0)
         popen.wait()
         scope.unjournal(entry)
         raise
     return popen
+
+
+def _refuse_new_work(wf: Workflow) -> None:
+    """Raise the pending kill of ``wf``: no child is started once one is asked for."""
+    wf.deliver()
+    if wf.kill is not None or wf.abandoned:
+        from ._exceptions import ForcedTermination, Terminated
+
+        raise (ForcedTermination if wf.abandoned else Terminated)(wf.id, wf.kill_reason)
 
 
 def _stop_carriers(token: str) -> None:

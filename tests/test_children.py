@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -185,6 +186,72 @@ class TestSpawnInWorkflow:
         """track_process names what it was given when it is not a process."""
         with pytest.raises(ts.InvalidArgumentType, match="'12'"):
             track_process("12")  # type: ignore[arg-type]
+
+    def test_child_started_after_the_terminator_took_over_is_stopped(
+        self, store: SQLiteStore
+    ) -> None:
+        """A child whose start outlasted the kill ladder is stopped by spawn, which raises."""
+        run = subprocess.run(
+            [sys.executable, "-c", TAKEN_OVER, str(store.path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert 0 == run.returncode, run.stderr
+        report = json.loads(run.stdout)
+        try:
+            assert ("killed", ["ForcedTermination"]) == (report["state"], report["outcome"])
+            assert [] == _alive([report["child"]])
+            assert [] == report["journal"]
+        finally:
+            if _alive([report["child"]]):
+                os.kill(report["child"], signal.SIGKILL)
+
+
+# A workflow thread held inside spawn() (preexec_fn runs in the forked child
+# before its exec, while the thread waits in Popen) until the kill has run the
+# whole ladder and the terminator has swept the workflow's hooks.
+TAKEN_OVER = """
+import json, os, subprocess, sys, threading
+import termsafe as ts
+from termsafe._children import spawn
+from termsafe._store import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+term = ts.Terminator(phases=ts.Phases(0.05, 0.05), sink=ts.MemorySink(), store=store)
+forked_r, forked_w = os.pipe()
+go_r, go_w = os.pipe()
+
+def hold():
+    os.write(forked_w, b"%d\\n" % os.getpid())
+    os.read(go_r, 1)
+
+outcome = []
+
+def body():
+    with term.workflow("w"):
+        try:
+            spawn(
+                [sys.executable, "-c", "import signal; signal.pause()"],
+                preexec_fn=hold,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(type(exc).__name__)
+            raise
+
+thread = threading.Thread(target=body)
+thread.start()
+child = int(os.read(forked_r, 64))
+state = term.kill("w", by=ts.Principal("root", roles=["admin"])).wait(30)
+os.write(go_w, b"g")
+thread.join(30)
+journal = [e.payload for e in store.journal_entries()]
+print(json.dumps({"child": child, "state": state.value, "outcome": outcome, "journal": journal}))
+"""
 
 
 # Prints the spawn token and FOO from its environment, and how many times the
