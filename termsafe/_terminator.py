@@ -307,6 +307,8 @@ class Terminator:
         #: to the OS user of this process).
         self._default_owner: str | None = None
         self._closed = False
+        self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Terminator live={len(self._live)} phases={self.phases}>"
@@ -840,9 +842,7 @@ class Terminator:
             hung = stack.abandon_running()
             if hung is not None:
                 self._hook_timed_out(wf, hung)
-        threading.Thread(
-            target=self._system_cleanup, args=(wf,), name=f"termsafe-cleanup-{wf.id}", daemon=True
-        ).start()
+        self._start_worker(self._system_cleanup, wf, f"termsafe-cleanup-{wf.id}")
 
     def _system_cleanup(self, wf: Workflow) -> None:
         try:
@@ -1146,7 +1146,22 @@ class Terminator:
                 wf.abandoned = True
             self._ended(wf, final)
 
-        threading.Thread(target=take_over, name=f"termsafe-hooks-{wf.id}", daemon=True).start()
+        self._start_worker(take_over, None, f"termsafe-hooks-{wf.id}")
+
+    def _start_worker(self, fn: Callable[..., object], arg: Any, name: str) -> None:
+        """Run hooks the terminator took over in a thread that ``close()`` waits for."""
+
+        def run() -> None:
+            try:
+                fn() if arg is None else fn(arg)
+            finally:
+                with self._workers_lock:
+                    self._workers.discard(thread)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._workers_lock:
+            self._workers.add(thread)
+        thread.start()
 
     # -- audit --------------------------------------------------------------------------
 
@@ -1375,11 +1390,21 @@ class Terminator:
     def close(self, timeout: float = 5.0) -> None:
         """Flush and close the sink and stop the background threads.
 
-        Live workflows are not killed; call ``terminate_all`` first for that.
+        Hooks the terminator is running for a workflow it took over (system
+        phase) finish first, all within ``timeout`` seconds. Live workflows are
+        not killed; call ``terminate_all`` first for that.
         """
         self._closed = True
-        self._pipe.close(timeout)
-        self._timer.stop(timeout)
+        deadline = time.monotonic() + timeout
+        # Hooks the terminator runs (system phase, a hung hook) finish first,
+        # within the timeout: a process that exits next must not cut them off.
+        with self._workers_lock:
+            workers = list(self._workers)
+        for thread in workers:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._pipe.close(max(0.0, deadline - time.monotonic()))
+        self._timer.stop(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Terminator:
         return self

@@ -994,3 +994,46 @@ class TestKillHandleWait:
         assert "workflow_finished" == types[-1]
         assert {"kill_requested", "hook_ran"} <= set(types)
         thread.join(WAIT)
+
+
+class TestCloseWaitsForTakenOverHooks:
+    def test_close_lets_system_phase_hooks_finish(self, make_term: TermFactory) -> None:
+        """close() waits (within its timeout) for hooks the system phase is running."""
+        term = make_term(phases=termsafe.Phases(0.05, 0.05))
+        entered = threading.Event()
+        stuck = threading.Event()
+        hook_started = threading.Event()
+        release = threading.Event()
+        hook_finished = threading.Event()
+
+        def cleanup() -> None:
+            hook_started.set()
+            assert release.wait(WAIT)
+            hook_finished.set()
+
+        def body() -> None:
+            with term.workflow("w"):
+                termsafe.on_cleanup(cleanup)
+                entered.set()
+                stuck.wait(WAIT)  # no cancellation point: the system phase takes over
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        try:
+            assert entered.wait(WAIT)
+            admin = termsafe.Principal("ops", roles=("admin",))
+            handle = term.kill("w", by=admin)
+            assert hook_started.wait(WAIT)
+            # Released only after close() has begun; a close() that did not
+            # wait would return before the hook finished.
+            releaser = threading.Timer(0.2, release.set)
+            releaser.start()
+            term.close(timeout=WAIT)
+            assert hook_finished.is_set()
+            assert termsafe.WorkflowState.KILLED == handle.state
+            releaser.join(WAIT)
+        finally:
+            release.set()
+            stuck.set()
+            thread.join(WAIT)
+        assert not thread.is_alive()
