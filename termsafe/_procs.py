@@ -170,7 +170,13 @@ def snapshot_tree(pid: int, start_time: float | None = None) -> list[psutil.Proc
     return list(found.values())
 
 
-def processes_with_env(name: str, values: Collection[str]) -> dict[str, list[psutil.Process]]:
+def processes_with_env(
+    name: str,
+    values: Collection[str],
+    *,
+    born_after: float | None = None,
+    exec_wait: float = 0.0,
+) -> dict[str, list[psutil.Process]]:
     """The live processes whose environment sets ``name`` to one of ``values``.
 
     Reads the environment each process was started with (``/proc/PID/environ``
@@ -179,9 +185,17 @@ def processes_with_env(name: str, values: Collection[str]) -> dict[str, list[psu
     read (another user's), zombies and processes that end meanwhile are
     skipped; so is the caller.
 
+    A process caught inside its exec already has its new name but not yet its
+    environment (Linux sets it last): with ``born_after``, a process started
+    since then whose environment reads empty is read again, for up to
+    ``exec_wait`` seconds, unless every value has been found meanwhile.
+
     Args:
         name: The environment variable.
         values: The values looked for.
+        born_after: Wall-clock time (seconds since the epoch) after which the
+            processes looked for were started; ``None``: read each process once.
+        exec_wait: Seconds to wait at most for such a process's environment.
 
     Returns:
         For each value found, the processes carrying it (``psutil.Process``
@@ -192,17 +206,75 @@ def processes_with_env(name: str, values: Collection[str]) -> dict[str, list[psu
     found: dict[str, list[psutil.Process]] = {}
     if not wanted:
         return found
+    unread = _scan_env(name, wanted, born_after, found)
+    _await_env(name, wanted, unread, found, time.monotonic() + exec_wait)
+    return found
+
+
+def _scan_env(
+    name: str,
+    wanted: frozenset[str],
+    born_after: float | None,
+    found: dict[str, list[psutil.Process]],
+) -> list[psutil.Process]:
+    """Read every process's environment once into ``found``; return those started
+    since ``born_after`` whose environment read empty (inside an exec, maybe)."""
     me = os.getpid()
+    unread: list[psutil.Process] = []
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
-        try:
-            value = proc.environ().get(name)
-        except (psutil.Error, OSError, NotImplementedError):
-            continue  # gone, a zombie, another user's, or unreadable on this system
-        if value in wanted:
-            found.setdefault(value, []).append(proc)
-    return found
+        env = _environ(proc)
+        if env:
+            value = env.get(name)
+            if value in wanted:
+                found.setdefault(value, []).append(proc)
+        elif env is not None and born_after is not None and _born_since(proc, born_after):
+            unread.append(proc)
+    return unread
+
+
+def _await_env(
+    name: str,
+    wanted: frozenset[str],
+    unread: list[psutil.Process],
+    found: dict[str, list[psutil.Process]],
+    deadline: float,
+) -> None:
+    """Read ``unread`` again until each has an environment (added to ``found`` if it
+    carries a wanted value) or is gone, every value is found, or ``deadline``."""
+    while unread and len(found) < len(wanted) and time.monotonic() < deadline:
+        still: list[psutil.Process] = []
+        for proc in unread:
+            env = _environ(proc)
+            if env is None:
+                continue
+            if not env:
+                still.append(proc)
+            elif env.get(name) in wanted:
+                found.setdefault(env[name], []).append(proc)
+        unread = still
+        if unread and len(found) < len(wanted):
+            time.sleep(0.002)
+
+
+def _environ(proc: psutil.Process) -> dict[str, str] | None:
+    """``proc``'s environment (empty while it is inside an exec), or ``None`` when
+    it has none to read: gone, a zombie, a kernel thread, another user's."""
+    try:
+        env = dict(proc.environ())
+        if not env and (proc.status() == psutil.STATUS_ZOMBIE or proc.ppid() == 2):
+            return None  # dead, or a kernel thread (a child of kthreadd): never one
+    except (psutil.Error, OSError, NotImplementedError):
+        return None
+    return env
+
+
+def _born_since(proc: psutil.Process, when: float) -> bool:
+    try:
+        return bool(proc.create_time() >= when)
+    except psutil.Error:
+        return False
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:

@@ -573,13 +573,19 @@ def _orphan_tree(pid: int, start: float, sessions: _Sessions) -> list[Any]:
     return tree
 
 
+#: Seconds to wait for the environment of a process caught inside its exec (it
+#: may be the child a token names): the kernel sets the environment last.
+EXEC_WAIT = 0.5
+
+
 def _token_carriers(
-    by_token: dict[str, int], sessions: _Sessions, targets: dict[int, Any]
+    by_token: dict[str, int], born_after: float, sessions: _Sessions, targets: dict[int, Any]
 ) -> dict[int, list[int]]:
     """Add the trees of the processes carrying each token to ``targets``.
 
     Args:
         by_token: Journal entry ids by the spawn token they hold.
+        born_after: A time before the oldest of those entries was written.
         sessions: The session listing shared with the rest of the recovery.
         targets: Processes to stop, by pid (added to).
 
@@ -594,7 +600,10 @@ def _token_carriers(
     from ._procs import processes_with_env
 
     found: dict[int, list[int]] = {entry_id: [] for entry_id in by_token.values()}
-    for token, carriers in processes_with_env(SPAWN_TOKEN_ENV, by_token).items():
+    carriers_of = processes_with_env(
+        SPAWN_TOKEN_ENV, by_token, born_after=born_after, exec_wait=EXEC_WAIT
+    )
+    for token, carriers in carriers_of.items():
         pids = found[by_token[token]]
         for carrier in carriers:
             try:
@@ -762,6 +771,7 @@ def recover(
         dead_owned = {e.id for e in entries if e.owner.host == host and not alive(e.owner)}
         settle: list[int] = []
         by_token: dict[str, int] = {}
+        oldest = math.inf
         for entry in entries:
             if entry.kind != "child_process" or entry.id not in dead_owned:
                 continue
@@ -774,6 +784,7 @@ def recover(
                     # token in the environment of the child and its descendants
                     # is what names them.
                     by_token[token] = entry.id
+                    oldest = min(oldest, entry.created_at)
                 else:
                     # No start time: the child was already gone when it was
                     # tracked, and a pid alone may name anyone by now.
@@ -782,7 +793,9 @@ def recover(
             for proc in _orphan_tree(pid, float(start), sessions):
                 targets.setdefault(proc.pid, proc)
             settle.append(entry.id)
-        carried = _token_carriers(by_token, sessions, targets)
+        # Start times from psutil may read up to a second early (the boot time
+        # it adds is whole seconds): the margin keeps the entries' children in.
+        carried = _token_carriers(by_token, oldest - 2.0, sessions, targets)
         settle.extend(by_token.values())
         stopped, survivors = stop_processes(list(targets.values()), grace)
         if stopped or survivors:

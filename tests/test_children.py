@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 import termsafe as ts
 from termsafe._children import spawn, track_process
-from termsafe._procs import _send, kill_tree
+from termsafe._procs import _await_env, _scan_env, _send, kill_tree, processes_with_env
 from termsafe._store import SQLiteStore
 
 ADMIN = ts.Principal("root", roles=["admin"])
@@ -136,6 +137,69 @@ class TestSend:
         proc = psutil.Process(child.pid)
         assert 0 == child.wait(10)
         assert not _send(proc, signal.SIGKILL)
+
+
+# Started with an empty environment: waits for a byte on stdin, then execs
+# Python again with only the token set (what a child inside its exec looks
+# like from outside: a new process whose environment reads empty, then set).
+EXEC_LATER = (
+    "import os, sys\n"
+    "sys.stdin.buffer.read(1)\n"
+    "code = 'import sys; sys.stdin.read()'\n"
+    "os.execve(sys.executable, [sys.executable, '-c', code], {'TS_TEST_TOKEN': sys.argv[1]})\n"
+)
+
+
+class TestProcessesWithEnv:
+    def _start(self, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()", *args],
+            stdin=subprocess.PIPE,
+            env=env,
+        )
+
+    def _end(self, *procs: subprocess.Popen[bytes]) -> None:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(30)
+
+    def test_finds_the_carriers_of_a_value_and_no_other(self) -> None:
+        """Only the processes whose environment holds one of the values are found."""
+        a = self._start({**os.environ, "TS_TEST_TOKEN": "a"})
+        b = self._start({**os.environ, "TS_TEST_TOKEN": "b"})
+        try:
+            found = processes_with_env("TS_TEST_TOKEN", ["a", "zz"])
+        finally:
+            self._end(a, b)
+        assert {"a": [a.pid]} == {k: [p.pid for p in v] for k, v in found.items()}
+
+    def test_process_inside_its_exec_is_read_again(self) -> None:
+        """A young process whose environment reads empty is read again until it is set."""
+        proc = subprocess.Popen(
+            [sys.executable, "-c", EXEC_LATER, "tok"], stdin=subprocess.PIPE, env={}
+        )
+        assert proc.stdin is not None
+        try:
+            found: dict[str, list[psutil.Process]] = {}
+            wanted = frozenset(["tok"])
+            unread = _scan_env("TS_TEST_TOKEN", wanted, time.time() - 5.0, found)
+            assert ({}, True) == (found, proc.pid in [p.pid for p in unread])
+            proc.stdin.write(b"g")
+            proc.stdin.flush()
+            _await_env("TS_TEST_TOKEN", wanted, unread, found, time.monotonic() + 30.0)
+            assert [proc.pid] == [p.pid for p in found["tok"]]
+        finally:
+            self._end(proc)
+
+    def test_process_older_than_born_after_is_read_once(self) -> None:
+        """An empty environment of a process started before born_after is not waited for."""
+        proc = self._start({})
+        try:
+            unread = _scan_env("TS_TEST_TOKEN", frozenset(["tok"]), time.time() + 60.0, {})
+        finally:
+            self._end(proc)
+        assert proc.pid not in [p.pid for p in unread]
 
 
 class TestSpawnInWorkflow:
