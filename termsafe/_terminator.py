@@ -1160,8 +1160,9 @@ class Terminator:
 
         thread = threading.Thread(target=run, name=name, daemon=True)
         with self._workers_lock:
+            # Started under the lock: close() never sees one it cannot join yet.
             self._workers.add(thread)
-        thread.start()
+            thread.start()
 
     # -- audit --------------------------------------------------------------------------
 
