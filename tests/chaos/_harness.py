@@ -513,8 +513,8 @@ class Site:
         within ``LEFTOVER_DEADLINE``) or SIGKILLed (``"kill"``: git then leaves
         its locks behind). Then ``termsafe.recover`` in this process, or the
         ``termsafe recover`` command. Then: recover is clean; no process
-        journaled by a dead owner runs (the helper); a helper killed before it
-        could be journaled is stopped (only a supervisor can know of it); no
+        journaled by a dead owner runs (the helper, even one whose workflow
+        died before recording its pid: its entry names it by a token); no
         temp file, staging folder or backup is left; the journal holds nothing
         of a dead process; the audit trail verifies.
 
@@ -559,9 +559,10 @@ class Site:
         if worker is not None:
             for proc in worker.descendants():
                 if _is_helper(proc):
-                    # Killed between spawn and its journal entry: nobody but the
-                    # supervisor can know of it, and it stops it.
+                    # spawn journals a helper before it starts (by a token in its
+                    # environment): however early the kill, recover must find it.
                     report["escaped"] += 1
+                    problems.append(f"helper {proc.pid} ({_cmdline(proc)}) escaped recover")
                 else:
                     problems.append(f"process {proc.pid} ({_cmdline(proc)}) runs after recover")
                 _kill(proc)

@@ -255,7 +255,7 @@ class TestRandomKills:
                     leftovers=rng.choice(["wait", "kill"]),
                 )
                 if recovered.get("escaped"):
-                    chaos_run.note("helpers killed before they were journaled")
+                    chaos_run.note("helpers that escaped recover")
                 problems += found
                 problems += world.judge(trial, ops, marks)
                 if report["sent"] and any(marks.op(j) == "interrupted" for j in range(len(ops))):
