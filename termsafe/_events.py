@@ -5,6 +5,14 @@ Emitting must never block a kill (a ``JsonlSink`` may fsync every line), so
 the first event) builds the ``AuditEvent`` and hands it to the sink. A sink that
 raises never stops anything: the failure is logged, counted, and reported to
 the ``on_sink_error`` callback (which raises the alert).
+
+Waking a sleeping thread costs the emitter far more than the append (a
+condition notify, and the woken thread then competes for the GIL), so after
+delivering a batch the dispatcher lingers for ``LINGER`` seconds before it
+goes idle: events emitted meanwhile join the next batch without waking it.
+Only the first event after an idle spell wakes it; ``flush`` and ``close``
+also cut a linger short, so a caller waiting for delivery never waits for
+the linger to run out.
 """
 
 from __future__ import annotations
@@ -21,9 +29,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._audit import AuditEvent, AuditSink
 
-__all__ = ["EventPipe"]
+__all__ = ["LINGER", "EventPipe"]
 
 log = logging.getLogger("termsafe")
+
+#: Seconds the dispatcher waits for more events after a batch before it idles:
+#: the most a delivery lags an emit while events keep coming (``flush`` does
+#: not wait for it).
+LINGER = 0.002
 
 _Item = tuple[
     float,  # wall-clock time of the event
@@ -72,7 +85,8 @@ class EventPipe:
     def _reset_threading(self) -> None:
         lock = threading.Lock()
         self._work = threading.Condition(lock)  # the idle dispatcher waits here
-        self._idle = False
+        self._idle = False  # waiting for work: any new item must wake it
+        self._lingering = False  # waiting briefly for more: only flush/close wake it
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -135,10 +149,11 @@ class EventPipe:
                 thread.start()
                 self._thread = thread
 
-    def _wake(self) -> None:
+    def _wake(self, urgent: bool = False) -> None:
         with self._work:
-            if self._idle:
+            if self._idle or (urgent and self._lingering):
                 self._idle = False
+                self._lingering = False
                 self._work.notify()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -157,8 +172,10 @@ class EventPipe:
             self._queue.append(marker)  # behind every event emitted before this call
             if self._thread is None:
                 self._start()
-            elif self._idle:
-                self._wake()
+            else:
+                # Under the lock, not by peeking at the flags: a dispatcher about
+                # to linger either sees the marker or is woken from the linger.
+                self._wake(urgent=True)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not marker.wait(left):
                 return False
@@ -171,6 +188,7 @@ class EventPipe:
         self.flush(timeout)
         self._closed = True
         with self._work:
+            self._lingering = False
             self._work.notify_all()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -185,18 +203,26 @@ class EventPipe:
 
         last_ms, stamp = -1, ""
         queue = self._queue
+        work = self._work
+        linger = False
         while True:
-            with self._work:
+            with work:
+                if linger and not queue and not self._closed:
+                    # Emitters append without waking us; flush/close cut this short.
+                    self._lingering = True
+                    work.wait(LINGER)
+                    self._lingering = False
                 while True:
                     # Idle first, then look: an emitter that appended before
                     # seeing the flag is found by the look, the rest wake us.
                     self._idle = True
                     if queue or self._closed:
                         break
-                    self._work.wait()
+                    work.wait()
                 self._idle = False
             if self._closed and not queue:
                 return
+            linger = True
             while queue:
                 item = queue.popleft()
                 if not isinstance(item, tuple):
