@@ -100,6 +100,7 @@ class _Missing:
 
 
 _MISSING: Final = _Missing()
+_UNDECODED: Final = _Missing()  # IdempotentCall._result: decode _result_text first
 
 
 def _not_json(value: Any) -> Any:
@@ -221,8 +222,8 @@ def _as_json(value: Any, what: str) -> Any:
         raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
 
 
-def _result_json(value: Any, key: str) -> tuple[str, Any]:
-    """``value`` as the store will hold it (JSON text) and give it back, or an error."""
+def _result_text(value: Any, key: str) -> str:
+    """``value`` as the store will hold it (JSON text), or an error naming it."""
     try:
         text = _encode_result(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -230,7 +231,7 @@ def _result_json(value: Any, key: str) -> tuple[str, Any]:
         raise InvalidArgumentType(
             f"result of idempotent call {key!r} must be JSON data (got {value!r}: {problem})"
         ) from None
-    return text, json.loads(text)
+    return text
 
 
 # -- lease renewal -------------------------------------------------------------------
@@ -456,6 +457,8 @@ class IdempotentCall:
         "_lock",
         "_renewal",
         "_request_spec",
+        "_result",
+        "_result_text",
         "_scope",
         "_section",
         "_state",
@@ -470,7 +473,6 @@ class IdempotentCall:
         "lease",
         "replayed",
         "request",
-        "result",
         "retried",
         "sent",
     )
@@ -500,7 +502,8 @@ class IdempotentCall:
         self._store: Store | None = None
         self.replayed = False
         self.retried = False
-        self.result: Any = None
+        self._result: Any = None
+        self._result_text = ""  # set with _result = _UNDECODED: decoded on first read
         self.epoch = 0
         self.sent = False
         self._state = _NEW
@@ -512,6 +515,18 @@ class IdempotentCall:
         self._renewal: _Lease | None = None
         self._comps: list[_Compensator] = []
         self._discarding = False
+
+    @property
+    def result(self) -> Any:
+        """The recorded result (on a replay, or once ``record()`` ran), else ``None``.
+
+        What a replay would return: the recorded JSON decoded (decoded on first
+        read; a first run that never reads it does not pay for it).
+        """
+        value = self._result
+        if value is _UNDECODED:
+            value = self._result = json.loads(self._result_text)
+        return value
 
     def __repr__(self) -> str:
         state = ("new", "replayed", "claimed", "recorded", "released", "lost")[self._state]
@@ -581,7 +596,7 @@ class IdempotentCall:
         self.epoch = claim.epoch
         if claim.replay:
             self.replayed = True
-            self.result = claim.result
+            self._result = claim.result
             # No audit event: a replay changes nothing, and it must stay cheap.
             self._state = _REPLAYED
             return
@@ -716,19 +731,19 @@ class IdempotentCall:
             ConfigurationError: called outside the call's ``with`` block.
         """
         self._check("record")
-        text, value = _result_json(result, self.key)
+        text = _result_text(result, self.key)
         with self._lock:
             scope = self._check("record")
             store = scope.store
             assert store is not None
             try:
                 with scope.committing():
-                    store.idem_record(self.key, self.epoch, value, encoded=text)
+                    store.idem_record(self.key, self.epoch, result, encoded=text)
             except LeaseLost:
                 self._lost()
                 raise
             self._state = _RECORDED
-            self.result = value
+            self._result, self._result_text = _UNDECODED, text
             self.sent = True
             self._stop_renewal()
         scope.emit(

@@ -27,6 +27,7 @@ from ._workflow import Workflow, current_workflow
 
 if TYPE_CHECKING:
     from ._store import JournalKind, Store
+    from ._terminator import Terminator
 
 __all__ = ["OperationScope", "resolve_store"]
 
@@ -35,6 +36,7 @@ log = logging.getLogger("termsafe")
 # The commit step outside a workflow: nothing to enter (reusable, stateless).
 _NO_STEP: Final[AbstractContextManager[None]] = contextlib.nullcontext()
 _open_default_store: Callable[[], Store] | None = None
+_get_terminator: Callable[[], Terminator] | None = None  # imported on first use
 
 
 def resolve_store(store: Store | bool | None, wf: Workflow | None) -> Store | None:
@@ -211,9 +213,13 @@ class OperationScope:
     def emit(self, type_: str, details: dict[str, Any]) -> None:
         """An audit event on the workflow's terminator (or the default one)."""
         wf = self.workflow
+        details = {"operation": self.name, **details}
         if wf is not None:
-            wf.terminator._emit(type_, wf, details={"operation": self.name, **details})
-        else:
+            wf.terminator._pipe.emit(type_, wf.id, None, None, wf.state.value, details)
+            return
+        global _get_terminator
+        if _get_terminator is None:
             from ._terminator import get_terminator
 
-            get_terminator()._emit(type_, None, details={"operation": self.name, **details})
+            _get_terminator = get_terminator
+        _get_terminator()._pipe.emit(type_, None, None, None, None, details)
