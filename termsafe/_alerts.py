@@ -109,8 +109,9 @@ class AlertEngine:
 
     def level(self, rule: str) -> str | None:
         """The current level of ``rule`` (``None``, ``warning`` or ``critical``)."""
-        with self._lock:
-            return self._levels.get(rule)
+        # One dict read: atomic under the GIL, and a level only ever is replaced
+        # whole, so the lock would add nothing but a cost on every audit event.
+        return self._levels.get(rule)
 
     def failed_kills(self, failed: int, finished: int) -> Alert | None:
         """Evaluate the failed-kill rate."""
@@ -124,6 +125,8 @@ class AlertEngine:
             level, threshold = "warning", t.failed_kills_warning
         else:
             level, threshold = None, t.failed_kills_warning
+        if self._levels.get("failed_kills") == level:
+            return None  # unchanged (every finished kill asks): no message to format
         return self._change(
             "failed_kills",
             level,
@@ -137,6 +140,8 @@ class AlertEngine:
         """Evaluate one finished cleanup's duration."""
         threshold = self.thresholds.cleanup_warning_s
         level = "warning" if seconds > threshold else None
+        if self._levels.get("cleanup_time") == level:
+            return None
         return self._change(
             "cleanup_time",
             level,

@@ -88,7 +88,7 @@ def _check_kind(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
         )
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Principal:
     """Who asks for a kill.
 
@@ -128,7 +128,7 @@ def _principal_dict(principal: Principal) -> dict[str, object]:
     }
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Decision:
     """The answer of ``Terminator.can_kill()``.
 

@@ -73,6 +73,9 @@ __all__ = [
 log = logging.getLogger("termsafe")
 
 S = WorkflowState
+# State names as they go into events, read once (``.value`` is a property).
+_RUNNING: Final = S.RUNNING._value_
+_TERMINATING: Final = S.TERMINATING._value_
 
 #: The principal the terminator acts as for signals and cascades.
 PROCESS_PRINCIPAL: Final = Principal("termsafe", kind="system", roles=("process",))
@@ -661,7 +664,7 @@ class Terminator:
             wf.id,
             actor,
             reason,
-            S.TERMINATING.value,
+            _TERMINATING,
             {
                 "force": force,
                 "phase": request.phase,
@@ -676,7 +679,7 @@ class Terminator:
                 wf.id,
                 actor,
                 reason,
-                S.TERMINATING.value,
+                _TERMINATING,
                 {
                     "sections": [{"kind": k, "grace": g} for k, g in sections],
                     "grace_deadline_in": round(max(g for _, g in sections), 3),
@@ -908,7 +911,7 @@ class Terminator:
             wf.id,
             {"id": wf.owner, "kind": "user", "roles": [], "teams": []} if wf.owner else None,
             None,
-            S.RUNNING.value,
+            _RUNNING,
             {
                 "team": wf.team,
                 "depends_on": list(wf.depends_on),
@@ -958,13 +961,15 @@ class Terminator:
                     self._finished.popitem(last=False)
         request = wf.kill
         details: dict[str, Any] = {}
+        value = final._value_  # not .value: a property, paid on every exit
         if request is not None:
             latency = time.monotonic() - request.requested_at
             details["kill_latency_ms"] = round(latency * 1000, 3)
-            self._recorder.kill_finished(final.value, latency)
             rec = self._recorder
-            finished = rec.kills_succeeded + rec.kills_failed
-            self._alert(self._alerts.failed_kills(rec.kills_failed, finished))
+            rec.kill_finished(value, latency)
+            self._alert(
+                self._alerts.failed_kills(rec.kills_failed, rec.kills_succeeded + rec.kills_failed)
+            )
         if wf.hook_failures:
             details["hook_failures"] = len(wf.hook_failures)
         if final is S.COMPLETED and wf.last_checkpoint is not None and self.store is not None:
@@ -977,11 +982,11 @@ class Terminator:
             "workflow_finished",
             wf.id,
             None,
-            wf.kill_reason or None,
-            final.value,
+            (request.reason or None) if request is not None else None,
+            value,
             details,
         )
-        if final in (S.TERMINATED, S.KILLED):
+        if final is S.TERMINATED or final is S.KILLED:
             self._notify_dependents(wf, final)
         # Waiters wake once everything up to here reached the sink.
         self._pipe.call_when_delivered(wf._set_done)
