@@ -584,7 +584,9 @@ class Terminator:
                 count += 1
         return count
 
-    def _start_kill(self, wf: Workflow, by: Principal, reason: str, force: bool) -> KillHandle:
+    def _start_kill(
+        self, wf: Workflow, by: Principal, reason: str, force: bool, cascade: bool = True
+    ) -> KillHandle:
         now = time.monotonic()
         escalate = False
         sections: list[tuple[str, float]] = []
@@ -639,13 +641,21 @@ class Terminator:
         if wf._loop_call is not None:
             wf.cancel_scope_soon()
         self._schedule(wf, request, now, sections, deadlines)
-        if wf._children is not None:
+        if cascade and wf._children is not None:
             self._kill_children(wf, by, reason, force)
         return request.handle
 
     def _kill_children(self, wf: Workflow, by: Principal, reason: str, force: bool) -> None:
-        for child in wf.children():
-            self._start_kill(child, by, f"parent workflow {wf.id!r} killed: {reason}", force)
+        # A loop, not recursion: a chain of nested workflows may be deeper than
+        # Python's recursion limit.
+        todo = [(wf, reason)]
+        while todo:
+            parent, why = todo.pop()
+            for child in parent.children():
+                child_why = f"parent workflow {parent.id!r} killed: {why}"
+                self._start_kill(child, by, child_why, force, cascade=False)
+                if child._children is not None:
+                    todo.append((child, child_why))
 
     def _emit_fresh_kill(
         self,

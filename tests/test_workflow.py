@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 import threading
 import time
 from typing import Any
@@ -225,6 +227,24 @@ class TestChildWorkflows:
             raise info.value
         assert [] == trace
         assert S.TERMINATED == parent.state
+
+    def test_deep_nesting_killed_from_the_root(self, term: Terminator, audit: Audit) -> None:
+        """A chain of nested workflows deeper than the recursion limit is killed whole."""
+        depth = sys.getrecursionlimit() + 100
+        with contextlib.ExitStack() as stack:
+            chain = [stack.enter_context(term.workflow(f"level-{i}")) for i in range(depth)]
+            handle = term.kill("level-0", by=ADMIN, reason="abort")
+            assert all(wf.kill is not None for wf in chain)
+            deepest = chain[-1].kill
+            assert deepest is not None
+            assert deepest.reason.endswith("parent workflow 'level-0' killed: abort")
+            assert deepest.reason.count("parent workflow") == depth - 1
+            with pytest.raises(Terminated):
+                termsafe.checkpoint()
+            raise Terminated("level-0", "abort")
+        assert S.TERMINATED == handle.wait(WAIT)
+        assert {S.TERMINATED} == {wf.state for wf in chain}
+        assert depth == len(audit.of("kill_requested"))
 
     def test_child_kill_leaves_parent(self, term: Terminator) -> None:
         """Killing a child ends only the child; the parent goes on."""
