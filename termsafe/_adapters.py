@@ -6,6 +6,10 @@ not break a kill) and must keep every attribute value to a small fixed set (a
 workflow id or a principal as a label would make one time series per workflow
 or per user, which is how metric backends run out of memory).
 
+``MetricsAdapter`` holds the ``MetricsHook`` methods both adapters run: a
+backend's adapter builds its instruments, binds their updates per attribute
+value (``Series``) and hands them over.
+
 Importing this module imports no metrics library.
 """
 
@@ -14,11 +18,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Final, Generic, TypeVar
 
 from ._states import TERMINAL_STATES
 
-__all__ = ["BUCKETS", "FINAL_STATES", "ORPHAN_KINDS", "OTHER", "OUTCOMES", "Guard"]
+__all__ = [
+    "BUCKETS",
+    "FINAL_STATES",
+    "ORPHAN_KINDS",
+    "OTHER",
+    "OUTCOMES",
+    "Guard",
+    "Increment",
+    "MetricsAdapter",
+    "Observe",
+    "Series",
+]
 
 log = logging.getLogger("termsafe.metrics")
 
@@ -81,3 +97,121 @@ class Guard:
                 method,
                 exc_info=True,
             )
+
+
+#: A counter's update for one attribute set: add one.
+Increment = Callable[[], object]
+#: A histogram's update for one attribute set: record a value in seconds.
+Observe = Callable[[float], object]
+
+_UpdateT_co = TypeVar("_UpdateT_co", bound=Callable[..., object], covariant=True)
+
+
+class Series(Generic[_UpdateT_co]):
+    """One instrument's update, bound once per known attribute value.
+
+    Args:
+        known: The update for each value of the fixed set.
+        other: Makes the update for ``OTHER``, which any value outside the set
+            is reported as; asked each time one is (so a backend that exports
+            a label value from its first use shows ``other`` only once
+            something reported it).
+    """
+
+    __slots__ = ("_known", "_other")
+
+    def __init__(self, known: Mapping[str, _UpdateT_co], other: Callable[[], _UpdateT_co]) -> None:
+        self._known = known
+        self._other = other
+
+    def __call__(self, value: str) -> _UpdateT_co:
+        """The update for ``value``, or for ``OTHER`` if ``value`` is not in the set."""
+        update = self._known.get(value)
+        return update if update is not None else self._other()
+
+
+class MetricsAdapter:
+    """The ``MetricsHook`` methods of ``OTelMetricsHook`` and ``PrometheusMetricsHook``.
+
+    Every method is one or two bound updates, and none raises: a failure
+    inside the metrics library goes to ``Guard``. The terminator guards its
+    metrics hook too, but this guard is what an adapter called on its own
+    (outside a terminator) has, and it names the adapter and the method.
+
+    Args:
+        kills: ``kill_requested``'s counter, by outcome.
+        finished: ``kill_finished``'s counter, by final state.
+        latency: ``kill_finished``'s histogram, by final state.
+        cleanup: ``cleanup_finished``'s histogram (no attributes).
+        orphans: ``orphan_detected``'s counter, by kind.
+    """
+
+    def __init__(
+        self,
+        *,
+        kills: Series[Increment],
+        finished: Series[Increment],
+        latency: Series[Observe],
+        cleanup: Observe,
+        orphans: Series[Increment],
+    ) -> None:
+        self._kills = kills
+        self._finished = finished
+        self._latency = latency
+        self._cleanup = cleanup
+        self._orphans = orphans
+        self._guard = Guard(type(self).__name__)
+
+    @property
+    def failures(self) -> int:
+        """How many calls failed inside the metrics library (the first one was logged)."""
+        return self._guard.failures
+
+    def kill_requested(self, *, outcome: str) -> None:
+        """Count a kill request as ``accepted`` or ``refused``.
+
+        Args:
+            outcome: ``"accepted"`` or ``"refused"``.
+        """
+        try:
+            self._kills(outcome)()
+        except Exception:
+            self._guard.failed("kill_requested")
+
+    def kill_finished(self, *, final_state: str, latency_s: float) -> None:
+        """Count a finished kill and record its latency.
+
+        Args:
+            final_state: The workflow's final state (``terminated``, ``killed``, ...).
+            latency_s: Seconds from the kill request to that state.
+        """
+        try:
+            # Both looked up before either is updated: a failing lookup counts nothing.
+            finished = self._finished(final_state)
+            latency = self._latency(final_state)
+            finished()
+            latency(latency_s)
+        except Exception:
+            self._guard.failed("kill_finished")
+
+    def cleanup_finished(self, *, duration_s: float) -> None:
+        """Record how long a workflow's hooks took.
+
+        Args:
+            duration_s: Seconds the hooks ran.
+        """
+        try:
+            self._cleanup(duration_s)
+        except Exception:
+            self._guard.failed("cleanup_finished")
+
+    def orphan_detected(self, *, kind: str) -> None:
+        """Count a thread or process that outlived its workflow.
+
+        Args:
+            kind: ``"thread"`` or ``"process"``.
+        """
+        try:
+            self._orphans(kind)()
+        except Exception:
+            self._guard.failed("orphan_detected")

@@ -27,6 +27,9 @@ as ``other``): never a workflow id, a principal or a reason.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 try:
     from opentelemetry import metrics
 except ModuleNotFoundError as exc:
@@ -39,18 +42,35 @@ except ModuleNotFoundError as exc:
     ) from exc
 
 from . import __version__
-from ._adapters import BUCKETS, FINAL_STATES, ORPHAN_KINDS, OTHER, OUTCOMES, Guard
+from ._adapters import (
+    BUCKETS,
+    FINAL_STATES,
+    ORPHAN_KINDS,
+    OTHER,
+    OUTCOMES,
+    MetricsAdapter,
+    Series,
+)
 from ._exceptions import ConfigurationError, InvalidArgumentType
 
 __all__ = ["OTelMetricsHook"]
 
 
-def _attributes(key: str, values: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    # Built once: the kill path only looks an attribute set up.
-    return {value: {key: value} for value in (*values, OTHER)}
+def _series(
+    update: Callable[..., None], key: str, values: tuple[str, ...]
+) -> Series[Callable[..., None]]:
+    """``update`` bound to each value's attribute set.
+
+    Built once: the kill path only looks an update up.
+    """
+    bound = {
+        value: functools.partial(update, attributes={key: value}) for value in (*values, OTHER)
+    }
+    other = bound[OTHER]
+    return Series(bound, lambda: other)
 
 
-class OTelMetricsHook:
+class OTelMetricsHook(MetricsAdapter):
     """A ``MetricsHook`` that records kills on OpenTelemetry instruments.
 
     Every method is cheap (one or two instrument calls with a prebuilt
@@ -88,80 +108,31 @@ class OTelMetricsHook:
         if not meter_name:
             raise ConfigurationError(f"meter_name must not be empty (got {meter_name!r})")
         meter = meter_provider.get_meter(meter_name, __version__)
-        self._kills = meter.create_counter(
+        kills = meter.create_counter(
             "termsafe.kills", "{kill}", "Kill requests, by whether they were accepted."
         )
-        self._finished = meter.create_counter(
+        finished = meter.create_counter(
             "termsafe.kills_finished", "{kill}", "Killed workflows, by the state they ended in."
         )
-        self._latency = meter.create_histogram(
+        latency = meter.create_histogram(
             "termsafe.kill.latency",
             "s",
             "Time from a kill request to the workflow's final state.",
             explicit_bucket_boundaries_advisory=BUCKETS,
         )
-        self._cleanup = meter.create_histogram(
+        cleanup = meter.create_histogram(
             "termsafe.cleanup.duration",
             "s",
             "Time a workflow's rollback and cleanup hooks took.",
             explicit_bucket_boundaries_advisory=BUCKETS,
         )
-        self._orphans = meter.create_counter(
+        orphans = meter.create_counter(
             "termsafe.orphans", "{orphan}", "Threads and processes that outlived their workflow."
         )
-        self._outcome = _attributes("outcome", OUTCOMES)
-        self._state = _attributes("final_state", FINAL_STATES)
-        self._kind = _attributes("kind", ORPHAN_KINDS)
-        self._guard = Guard(type(self).__name__)
-
-    @property
-    def failures(self) -> int:
-        """How many calls failed inside OpenTelemetry (the first one was logged)."""
-        return self._guard.failures
-
-    def kill_requested(self, *, outcome: str) -> None:
-        """Count a kill request as ``accepted`` or ``refused``.
-
-        Args:
-            outcome: ``"accepted"`` or ``"refused"``.
-        """
-        try:
-            self._kills.add(1, self._outcome.get(outcome) or self._outcome[OTHER])
-        except Exception:
-            self._guard.failed("kill_requested")
-
-    def kill_finished(self, *, final_state: str, latency_s: float) -> None:
-        """Count a finished kill and record its latency.
-
-        Args:
-            final_state: The workflow's final state (``terminated``, ``killed``, ...).
-            latency_s: Seconds from the kill request to that state.
-        """
-        try:
-            attributes = self._state.get(final_state) or self._state[OTHER]
-            self._finished.add(1, attributes)
-            self._latency.record(latency_s, attributes)
-        except Exception:
-            self._guard.failed("kill_finished")
-
-    def cleanup_finished(self, *, duration_s: float) -> None:
-        """Record how long a workflow's hooks took.
-
-        Args:
-            duration_s: Seconds the hooks ran.
-        """
-        try:
-            self._cleanup.record(duration_s)
-        except Exception:
-            self._guard.failed("cleanup_finished")
-
-    def orphan_detected(self, *, kind: str) -> None:
-        """Count a thread or process that outlived its workflow.
-
-        Args:
-            kind: ``"thread"`` or ``"process"``.
-        """
-        try:
-            self._orphans.add(1, self._kind.get(kind) or self._kind[OTHER])
-        except Exception:
-            self._guard.failed("orphan_detected")
+        super().__init__(
+            kills=_series(functools.partial(kills.add, 1), "outcome", OUTCOMES),
+            finished=_series(functools.partial(finished.add, 1), "final_state", FINAL_STATES),
+            latency=_series(latency.record, "final_state", FINAL_STATES),
+            cleanup=cleanup.record,
+            orphans=_series(functools.partial(orphans.add, 1), "kind", ORPHAN_KINDS),
+        )

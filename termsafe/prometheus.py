@@ -24,6 +24,8 @@ series to work on before the first failure.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 try:
     import prometheus_client
@@ -36,15 +38,29 @@ except ModuleNotFoundError as exc:
         name=exc.name,
     ) from exc
 
-from ._adapters import BUCKETS, FINAL_STATES, ORPHAN_KINDS, OTHER, OUTCOMES, Guard
+from ._adapters import BUCKETS, FINAL_STATES, ORPHAN_KINDS, OTHER, OUTCOMES, MetricsAdapter, Series
 from ._exceptions import ConfigurationError, InvalidArgumentType
 
 __all__ = ["PrometheusMetricsHook"]
 
 _NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
+_Metric = TypeVar("_Metric", prometheus_client.Counter, prometheus_client.Histogram)
+_Update = TypeVar("_Update", bound=Callable[..., None])
 
-class PrometheusMetricsHook:
+
+def _series(
+    metric: _Metric, update: Callable[[_Metric], _Update], values: tuple[str, ...]
+) -> Series[_Update]:
+    # Every known value's child is made now, so its series is exported from the
+    # start at zero; "other" gets its child (and series) on first use.
+    return Series(
+        {value: update(metric.labels(value)) for value in values},
+        lambda: update(metric.labels(OTHER)),
+    )
+
+
+class PrometheusMetricsHook(MetricsAdapter):
     """A ``MetricsHook`` that records kills on Prometheus metrics in ``registry``.
 
     The registry is required, never the global ``prometheus_client.REGISTRY``
@@ -84,21 +100,21 @@ class PrometheusMetricsHook:
             raise ConfigurationError(
                 f"namespace must match {_NAMESPACE.pattern} (got {namespace!r})"
             )
-        self._kills = prometheus_client.Counter(
+        kills = prometheus_client.Counter(
             "kills",
             "Kill requests, by whether they were accepted.",
             ["outcome"],
             namespace=namespace,
             registry=None,
         )
-        self._finished = prometheus_client.Counter(
+        finished = prometheus_client.Counter(
             "kills_finished",
             "Killed workflows, by the state they ended in.",
             ["final_state"],
             namespace=namespace,
             registry=None,
         )
-        self._latency = prometheus_client.Histogram(
+        latency = prometheus_client.Histogram(
             "kill_latency",
             "Time from a kill request to the workflow's final state.",
             ["final_state"],
@@ -107,7 +123,7 @@ class PrometheusMetricsHook:
             buckets=BUCKETS,
             registry=None,
         )
-        self._cleanup = prometheus_client.Histogram(
+        cleanup = prometheus_client.Histogram(
             "cleanup_duration",
             "Time a workflow's rollback and cleanup hooks took.",
             namespace=namespace,
@@ -115,23 +131,21 @@ class PrometheusMetricsHook:
             buckets=BUCKETS,
             registry=None,
         )
-        self._orphans = prometheus_client.Counter(
+        orphans = prometheus_client.Counter(
             "orphans",
             "Threads and processes that outlived their workflow.",
             ["kind"],
             namespace=namespace,
             registry=None,
         )
-        self._kills_by = {v: self._kills.labels(v) for v in OUTCOMES}
-        self._finished_by = {v: self._finished.labels(v) for v in FINAL_STATES}
-        self._latency_by = {v: self._latency.labels(v) for v in FINAL_STATES}
-        self._orphans_by = {v: self._orphans.labels(v) for v in ORPHAN_KINDS}
-        self._register(
-            registry,
-            namespace,
-            (self._kills, self._finished, self._latency, self._cleanup, self._orphans),
+        self._register(registry, namespace, (kills, finished, latency, cleanup, orphans))
+        super().__init__(
+            kills=_series(kills, lambda child: child.inc, OUTCOMES),
+            finished=_series(finished, lambda child: child.inc, FINAL_STATES),
+            latency=_series(latency, lambda child: child.observe, FINAL_STATES),
+            cleanup=cleanup.observe,
+            orphans=_series(orphans, lambda child: child.inc, ORPHAN_KINDS),
         )
-        self._guard = Guard(type(self).__name__)
 
     @staticmethod
     def _register(
@@ -152,58 +166,3 @@ class PrometheusMetricsHook:
                     "registry or namespace"
                 ) from exc
             done.append(collector)
-
-    @property
-    def failures(self) -> int:
-        """How many updates failed inside prometheus-client (the first one was logged)."""
-        return self._guard.failures
-
-    def kill_requested(self, *, outcome: str) -> None:
-        """Count a kill request as ``accepted`` or ``refused``.
-
-        Args:
-            outcome: ``"accepted"`` or ``"refused"``.
-        """
-        try:
-            child = self._kills_by.get(outcome) or self._kills.labels(OTHER)
-            child.inc()
-        except Exception:
-            self._guard.failed("kill_requested")
-
-    def kill_finished(self, *, final_state: str, latency_s: float) -> None:
-        """Count a finished kill and record its latency.
-
-        Args:
-            final_state: The workflow's final state (``terminated``, ``killed``, ...).
-            latency_s: Seconds from the kill request to that state.
-        """
-        try:
-            finished = self._finished_by.get(final_state) or self._finished.labels(OTHER)
-            latency = self._latency_by.get(final_state) or self._latency.labels(OTHER)
-            finished.inc()
-            latency.observe(latency_s)
-        except Exception:
-            self._guard.failed("kill_finished")
-
-    def cleanup_finished(self, *, duration_s: float) -> None:
-        """Record how long a workflow's hooks took.
-
-        Args:
-            duration_s: Seconds the hooks ran.
-        """
-        try:
-            self._cleanup.observe(duration_s)
-        except Exception:
-            self._guard.failed("cleanup_finished")
-
-    def orphan_detected(self, *, kind: str) -> None:
-        """Count a thread or process that outlived its workflow.
-
-        Args:
-            kind: ``"thread"`` or ``"process"``.
-        """
-        try:
-            child = self._orphans_by.get(kind) or self._orphans.labels(OTHER)
-            child.inc()
-        except Exception:
-            self._guard.failed("orphan_detected")
