@@ -896,6 +896,10 @@ class Terminator:
         if self.store is not None:
             # Resume: a restarted workflow starts from its last durable checkpoint.
             wf.last_checkpoint = self.store.load_checkpoint(workflow_id)
+        if self._timer._thread is None:
+            # Now, not at the first kill: a thread started then makes the kill
+            # wait until the new thread is scheduled, which under load is long.
+            self._timer.start()
         with self._lock:
             if workflow_id in self._live:
                 raise DuplicateWorkflow(workflow_id)

@@ -1,8 +1,11 @@
 """One background thread that fires the phase deadlines of a terminator.
 
-Started lazily by the first deadline (never at import), it sleeps until the
-earliest deadline and runs its callback. Callbacks must be short: anything that
-can block (running hooks of an abandoned workflow) is handed to a worker thread.
+Started lazily (never at import): by the terminator when its first workflow
+starts (a thread started by the first kill would make that kill wait for it
+to be scheduled, which under load took over 100 ms), else by the first
+deadline. It sleeps until the earliest deadline and runs its callback.
+Callbacks must be short: anything that can block (running hooks of an
+abandoned workflow) is handed to a worker thread.
 Cancelled deadlines are left in the heap and skipped (callbacks re-check the
 state they act on), which keeps scheduling O(log n) and lock-light.
 """
@@ -48,6 +51,17 @@ class DeadlineTimer:
         self._heap = []
         self._thread = None
 
+    def start(self) -> None:
+        """Start the thread now, if it is not running (idempotent)."""
+        if self._thread is None:
+            with self._lock:
+                self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
     def call_at(self, deadline: float, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the timer thread at ``deadline`` (``time.monotonic`` clock)."""
         with self._lock:
@@ -56,8 +70,7 @@ class DeadlineTimer:
             entry = (deadline, next(self._seq), fn)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+                self._start_locked()
             elif self._heap[0] is entry:
                 # Only an earlier deadline needs the thread to recompute its wait.
                 self._cond.notify()
