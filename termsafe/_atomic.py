@@ -55,7 +55,17 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, Final, Literal, TextIO, overload
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    ClassVar,
+    Final,
+    Literal,
+    TextIO,
+    overload,
+)
 
 from ._exceptions import AtomicWriteError, ConfigurationError, InvalidArgumentType
 from ._safeop import OperationScope
@@ -403,6 +413,74 @@ def _remove_tree(path: str) -> None:
         pass
 
 
+# -- what both share ----------------------------------------------------------------
+
+
+class _AtomicOperation:
+    """The exit both atomic operations share: roll back on an error or a kill, else commit.
+
+    A subclass puts the new content in place (``_commit``, which ends with
+    ``_fsync_folder``) and says what a success takes back (``_succeeded``).
+    """
+
+    #: The audit event of a rollback.
+    _rolled_back_event: ClassVar[str]
+
+    path: str
+    durable: bool
+    _folder: str
+    _scope: OperationScope | None
+    _state: str
+
+    def _abort(self) -> None:
+        scope = self._scope
+        assert scope is not None
+        scope.rollback_now()
+        scope.emit(self._rolled_back_event, {"path": self.path})
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        scope = self._scope
+        assert scope is not None
+        try:
+            self._commit(scope)
+        except BaseException:
+            if self._state != "committed":
+                self._abort()
+                raise
+            # Committed, then the folder fsync failed or a deferred kill landed
+            # as the section closed: the operation itself is done.
+            self._succeeded(scope)
+            raise
+        self._succeeded(scope)
+
+    def _commit(self, scope: OperationScope) -> None:
+        """Put the new content in place, inside ``scope.committing()``."""
+        raise NotImplementedError
+
+    def _succeeded(self, scope: OperationScope) -> None:
+        """Take the rollback hook and the journal entry back (after a commit, even a failed one)."""
+        scope.succeeded()
+
+    def _fsync_folder(self) -> None:
+        """Make the rename durable (``durable`` only); the new content is already in place."""
+        if not self.durable:
+            return
+        try:
+            _fsync_dir(self._folder)
+        except OSError as err:
+            raise AtomicWriteError.from_os_error(
+                self.path, "fsync folder", err, committed=True
+            ) from None
+
+
 # -- atomic_file -----------------------------------------------------------------------
 
 
@@ -422,8 +500,10 @@ class _TempIO(io.FileIO):
             raise AtomicWriteError.from_os_error(self._target, "write", exc) from None
 
 
-class _AtomicFile:
+class _AtomicFile(_AtomicOperation):
     """The context manager ``atomic_file`` returns; single use."""
+
+    _rolled_back_event = "atomic_file_rolled_back"
 
     def __init__(
         self,
@@ -604,50 +684,19 @@ class _AtomicFile:
 
     def _abort(self) -> None:
         self._close_quietly()
-        scope = self._scope
-        assert scope is not None
-        scope.rollback_now()
-        scope.emit("atomic_file_rolled_back", {"path": self.path})
+        super()._abort()
 
     # -- exit ----------------------------------------------------------------------
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self._abort()
-            return
-        scope = self._scope
-        assert scope is not None
-        try:
-            with scope.committing():
-                self._finish()
-                self._replace()
-                if scope.workflow is not None:
-                    # Before the folder fsync: the audit thread does its work
-                    # while this one waits for the disk.
-                    scope.emit(
-                        "atomic_file_committed", {"path": self.path, "durable": self.durable}
-                    )
-                if self.durable:
-                    try:
-                        _fsync_dir(self._folder)
-                    except OSError as err:
-                        raise AtomicWriteError.from_os_error(
-                            self.path, "fsync folder", err, committed=True
-                        ) from None
-        except BaseException:
-            if self._state != "committed":
-                self._abort()
-                raise
-            # Committed, then the folder fsync failed or a deferred kill landed
-            # as the section closed: the operation itself is done.
-            scope.succeeded()
-            raise
-        scope.succeeded()
+    def _commit(self, scope: OperationScope) -> None:
+        with scope.committing():
+            self._finish()
+            self._replace()
+            if scope.workflow is not None:
+                # Before the folder fsync: the audit thread does its work
+                # while this one waits for the disk.
+                scope.emit("atomic_file_committed", {"path": self.path, "durable": self.durable})
+            self._fsync_folder()
 
     def _finish(self) -> None:
         """Flush, copy owner and mode, fsync and close the temp."""
@@ -814,8 +863,10 @@ def atomic_file(
 # -- atomic_directory ------------------------------------------------------------------
 
 
-class _AtomicDirectory:
+class _AtomicDirectory(_AtomicOperation):
     """The context manager ``atomic_directory`` returns; single use."""
+
+    _rolled_back_event = "atomic_directory_rolled_back"
 
     def __init__(self, path: object, durable: bool, store: Store | bool | None) -> None:
         if not isinstance(durable, bool):
@@ -829,6 +880,7 @@ class _AtomicDirectory:
         self._state = "new"  # -> "open" -> "moved_old" -> "committed" | "rolled_back"
         self._staging: str | None = None
         self._old_at: str | None = None
+        self._old_removed = True
         self._used = False
 
     def __repr__(self) -> str:
@@ -898,48 +950,19 @@ class _AtomicDirectory:
         assert self._scope is not None
         self._scope.unjournal(self._entry)
 
-    def _abort(self) -> None:
-        scope = self._scope
-        assert scope is not None
-        scope.rollback_now()
-        scope.emit("atomic_directory_rolled_back", {"path": self.path})
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self._abort()
-            return
-        scope = self._scope
-        assert scope is not None
-        removed = True
+    def _commit(self, scope: OperationScope) -> None:
         try:
-            try:
-                with scope.committing():
-                    self._prepare()
-                    self._swap()
-                    if self.durable:
-                        try:
-                            _fsync_dir(self._folder)
-                        except OSError as err:
-                            raise AtomicWriteError.from_os_error(
-                                self.path, "fsync folder", err, committed=True
-                            ) from None
-            finally:
-                if self._state == "committed":
-                    removed = self._remove_old()
-        except BaseException:
-            if self._state != "committed":
-                self._abort()
-                raise
-            # An old tree left behind keeps its journal entry: recovery removes it.
-            scope.succeeded(keep_journal=not removed)
-            self._emit_committed()
-            raise
-        scope.succeeded(keep_journal=not removed)
+            with scope.committing():
+                self._prepare()
+                self._swap()
+                self._fsync_folder()
+        finally:
+            if self._state == "committed":
+                self._old_removed = self._remove_old()
+
+    def _succeeded(self, scope: OperationScope) -> None:
+        # An old tree left behind keeps its journal entry: recovery removes it.
+        scope.succeeded(keep_journal=not self._old_removed)
         self._emit_committed()
 
     def _emit_committed(self) -> None:
