@@ -12,11 +12,14 @@ delivering a batch the dispatcher lingers for ``LINGER`` seconds before it
 goes idle: events emitted meanwhile join the next batch without waking it.
 Only the first event after an idle spell wakes it; ``flush`` and ``close``
 also cut a linger short, so a caller waiting for delivery never waits for
-the linger to run out.
+the linger to run out. The dispatcher is a daemon thread; an ``atexit`` hook
+(installed when the first dispatcher starts) delivers what is still queued
+when the interpreter exits normally.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -95,6 +98,7 @@ class EventPipe:
         # the child starts clean (a lock held at fork time would deadlock it).
         self._queue.clear()
         self._reset_threading()
+        _running.discard(self)
 
     def add_listener(self, fn: Callable[[AuditEvent], None]) -> None:
         """Call ``fn`` with every event after the sink took it (dispatcher thread)."""
@@ -148,6 +152,7 @@ class EventPipe:
                 thread = threading.Thread(target=self._run, name="termsafe-audit", daemon=True)
                 thread.start()
                 self._thread = thread
+                _flush_at_exit(self)
 
     def _wake(self, urgent: bool = False) -> None:
         with self._work:
@@ -263,6 +268,38 @@ class EventPipe:
                     except Exception:
                         log.exception("termsafe: audit listener %r failed", listener)
                 self._in_callbacks = False
+
+
+#: Seconds the interpreter's exit waits, in all, for events still queued.
+EXIT_FLUSH_TIMEOUT = 5.0
+
+_running: weakref.WeakSet[EventPipe] = weakref.WeakSet()
+_exit_hook_installed = False
+
+
+def _flush_at_exit(pipe: EventPipe) -> None:
+    """Have the interpreter's exit deliver what ``pipe`` still holds (hook installed once).
+
+    The dispatcher is a daemon thread: without this, events emitted just
+    before a normal exit (a ``workflow_finished``) would die with it.
+    """
+    global _exit_hook_installed
+    _running.add(pipe)
+    if not _exit_hook_installed:
+        _exit_hook_installed = True
+        atexit.register(_deliver_before_exit)
+
+
+def _deliver_before_exit() -> None:
+    deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
+    for pipe in list(_running):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            pipe.flush(left)
+        except Exception:
+            log.exception("termsafe: delivering audit events at exit failed")
 
 
 _forkable: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -1007,3 +1007,38 @@ class TestRedaction:
         """A non-string name is refused, naming it."""
         with pytest.raises(InvalidArgumentType, match="42"):
             redact_fields(42)  # type: ignore[arg-type]
+
+
+class TestDeliveryAtExit:
+    def test_queued_events_reach_the_sink_before_a_normal_exit(self, tmp_path: Path) -> None:
+        """Events still queued when the program ends are delivered before the interpreter exits."""
+        out = tmp_path / "events.txt"
+        code = (
+            "import sys, time\n"
+            "from termsafe import Terminator\n"
+            "class SlowSink:\n"
+            "    def __init__(self, path):\n"
+            "        self.f = open(path, 'a')\n"
+            "    def emit(self, event):\n"
+            "        if event.type == 'workflow_started':\n"
+            "            time.sleep(0.3)  # a sink slower than the program's end\n"
+            "        self.f.write(event.type + '\\n')\n"
+            "        self.f.flush()\n"
+            "    def close(self):\n"
+            "        self.f.close()\n"
+            "term = Terminator(sink=SlowSink(sys.argv[1]))\n"
+            "with term.workflow('job'):\n"
+            "    pass\n"
+            "print('done', flush=True)\n"  # no flush(), no close(): a plain exit
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(out)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (0, "done\n", "") == (proc.returncode, proc.stdout, proc.stderr)
+        assert ["workflow_started", "workflow_finished"] == out.read_text().split()
