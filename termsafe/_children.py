@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from ._exceptions import InvalidArgumentType
+from ._exceptions import ForcedTermination, InvalidArgumentType
 from ._procs import TreeKill, kill_tree, process_start_time, processes_with_env
 from ._safeop import OperationScope
 from ._workflow import Workflow
@@ -127,6 +127,10 @@ def track_process(
     and reaped; in the forced phase it is SIGKILLed at once. Outside a workflow
     the child is only journaled; call ``stop()`` yourself.
 
+    In a workflow the terminator has taken over (its system phase ran the
+    hooks, or is running them), nothing would stop the tree later: it is
+    SIGKILLed and reaped here, and ``ForcedTermination`` raised.
+
     Args:
         process: A ``subprocess.Popen`` or a pid.
         store: Where to journal (default: the workflow's terminator's store,
@@ -138,6 +142,8 @@ def track_process(
 
     Raises:
         InvalidArgumentType: ``process`` is neither a ``Popen`` nor a pid.
+        ForcedTermination: the terminator has taken the workflow over (the
+            tree is stopped).
     """
     if isinstance(process, subprocess.Popen):
         popen: subprocess.Popen[Any] | None = process
@@ -154,19 +160,38 @@ def track_process(
 
 
 def _register(tracked: TrackedProcess, scope: OperationScope, stop_timeout: float) -> None:
-    """Hand ``tracked`` to the scope's workflow: stopped when it ends, killed when forced."""
+    """Hand ``tracked`` to the scope's workflow: stopped when it ends, killed when forced.
+
+    Raises:
+        ForcedTermination: the terminator has taken the workflow over; the
+            tree is stopped (SIGKILL) already, since nothing would stop it later.
+    """
     tracked._scope = scope
     wf = scope.workflow
-    if wf is not None:
-        scope.on_cleanup(lambda: tracked.stop(timeout=stop_timeout))
-        term = wf.terminator
-        with _lock:
-            _tracked.setdefault(wf, []).append(tracked)
-            arm = term not in _armed
-            if arm:
-                _armed.add(term)
+    if wf is None:
+        return
+
+    def stop() -> None:
+        # Once the terminator has taken the workflow over, nobody waits for
+        # the tree to exit by itself: SIGKILL at once, as the forced phase does.
+        tracked.stop(timeout=stop_timeout, force=wf.abandoned)
+
+    # Run here (the tree stopped) and ForcedTermination raised if the takeover
+    # came first: its sweep of the hooks may be over.
+    scope.on_cleanup(stop)
+    term = wf.terminator
+    with _lock:
+        _tracked.setdefault(wf, []).append(tracked)
+        arm = term not in _armed
         if arm:
-            term.add_forced_action(_kill_tracked)
+            _armed.add(term)
+    if arm:
+        term.add_forced_action(_kill_tracked)
+    if wf.abandoned:
+        # Taken over since the hook was pushed: the sweep runs it too (a
+        # stop runs once), but the caller must not go on with the child.
+        tracked.stop(force=True, timeout=1.0)
+        raise ForcedTermination(wf.id, wf.kill_reason)
 
 
 def spawn(
@@ -257,13 +282,9 @@ def spawn(
             payload = {"pid": popen.pid, "start_time": start, "token": token}
             scope.store.journal_update(entry, payload)
         tracked._entry = entry
+        # Raises ForcedTermination, the child stopped, if the system phase took
+        # the hooks over while the child was starting.
         _register(tracked, scope, stop_timeout)
-        if wf is not None and wf.abandoned:
-            # The system phase took the hooks over while the child was starting:
-            # if it swept them before ours was pushed, nothing would stop the child.
-            from ._exceptions import ForcedTermination
-
-            raise ForcedTermination(wf.id, wf.kill_reason)
         popen.termsafe = tracked  # type: ignore[attr-defined]
     except BaseException:
         if popen.poll() is None:  # not reaped (by a stop the terminator ran): still ours
@@ -278,7 +299,7 @@ def _refuse_new_work(wf: Workflow) -> None:
     """Raise the pending kill of ``wf``: no child is started once one is asked for."""
     wf.deliver()
     if wf.kill is not None or wf.abandoned:
-        from ._exceptions import ForcedTermination, Terminated
+        from ._exceptions import Terminated
 
         raise (ForcedTermination if wf.abandoned else Terminated)(wf.id, wf.kill_reason)
 

@@ -11,12 +11,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from conftest import WAIT, Audit, Jobs, TermFactory
 
 import termsafe as ts
 from termsafe._children import spawn, track_process
@@ -271,6 +272,81 @@ class TestSpawnInWorkflow:
         finally:
             if _alive([report["child"]]):
                 os.kill(report["child"], signal.SIGKILL)
+
+    def test_process_tracked_after_the_terminator_took_over_is_stopped(
+        self, store: SQLiteStore, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """track_process after the system phase swept the hooks SIGKILLs the tree and raises."""
+        sink = ts.MemorySink()
+        term = make_term(ts.Phases(0.05, 0.05), sink=sink, store=store)
+        child = subprocess.Popen(
+            [sys.executable, "-c", IGNORES_SIGTERM],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert "ready\n" == child.stdout.readline()
+            # At once: not after stop_timeout, which a SIGTERM-proof child would take.
+            wf, error = _in_taken_over_workflow(
+                term, jobs, lambda: track_process(child, stop_timeout=60.0)
+            )
+            assert isinstance(error, ts.ForcedTermination), error
+            assert child.returncode is not None, "stopped and reaped by track_process"
+            assert [] == _alive([child.pid])
+            assert 0 == wf.pending_hooks
+            assert [] == store.journal_entries()
+            [stopped] = Audit(term, sink).of("process_tree_stopped", "w")
+            assert child.pid == stopped.details["pid"]
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(WAIT)
+            assert child.stdout is not None
+            child.stdout.close()
+
+
+IGNORES_SIGTERM = (
+    "import os, signal\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "os.write(1, b'ready\\n')\n"
+    "signal.pause()\n"
+)
+
+
+def _in_taken_over_workflow(
+    term: ts.Terminator, jobs: Jobs, fn: Callable[[], object]
+) -> tuple[ts.Workflow, BaseException | None]:
+    """Run ``fn`` in a thread workflow once the system phase has taken it over and swept its hooks.
+
+    Returns:
+        The workflow and what ``fn`` raised (``None`` if it returned).
+    """
+    entered = threading.Event()
+    go = threading.Event()
+    seen: list[ts.Workflow] = []
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        with term.workflow("w") as wf:
+            seen.append(wf)
+            entered.set()
+            go.wait(WAIT)  # stuck: never reaches a cancellation point
+            try:
+                fn()
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+    job = jobs.start(body)
+    try:
+        assert entered.wait(WAIT)
+        assert ts.WorkflowState.KILLED == term.kill("w", by=ADMIN).wait(WAIT)
+    finally:
+        go.set()
+    job.result()
+    return seen[0], (raised[0] if raised else None)
 
 
 # A workflow thread held inside spawn() (preexec_fn runs in the forked child
