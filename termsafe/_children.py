@@ -6,7 +6,8 @@ holding a random token, which the child gets in its environment as
 ``TERMSAFE_SPAWN_TOKEN``. Once ``Popen`` returns, the same entry is updated
 with the child's pid and start time. A SIGKILL between the fork and that
 update leaves an entry without a pid; ``recover()`` then finds the child (and
-every descendant that kept the environment) by the token.
+every descendant that kept the environment) by the token. ``ChildEntry`` is
+that machinery on its own, for every child termsafe starts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import secrets
 import subprocess
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from ._exceptions import ForcedTermination, InvalidArgumentType
@@ -26,9 +27,10 @@ from ._safeop import OperationScope
 from ._workflow import Workflow
 
 if TYPE_CHECKING:
+    from ._store import Store
     from ._terminator import Terminator
 
-__all__ = ["SPAWN_TOKEN_ENV", "TrackedProcess", "spawn", "track_process"]
+__all__ = ["SPAWN_TOKEN_ENV", "ChildEntry", "TrackedProcess", "spawn", "track_process"]
 
 log = logging.getLogger("termsafe")
 
@@ -40,6 +42,118 @@ _SPAWN_TOKEN_ENVB: Final = SPAWN_TOKEN_ENV.encode()
 _tracked: weakref.WeakKeyDictionary[Workflow, list[TrackedProcess]] = weakref.WeakKeyDictionary()
 _armed: weakref.WeakSet[Terminator] = weakref.WeakSet()
 _lock = threading.Lock()
+
+
+class ChildEntry:
+    """The ``child_process`` journal entry of a child, written before the child exists.
+
+    The entry holds a random token, which ``popen`` puts in the child's
+    environment as ``TERMSAFE_SPAWN_TOKEN``; ``record`` adds the child's pid
+    and start time once ``Popen`` returned. If this process dies (SIGKILL)
+    in between, the entry has no pid, and ``recover()`` finds the child, and
+    every descendant that kept the environment, by the token.
+
+    Args:
+        store: Where to journal (``None``: nowhere; the child still gets a token).
+        workflow_id: The workflow the entry belongs to, if any.
+        payload: More for the entry to hold, from the start (JSON data).
+
+    Attributes:
+        token: The child's token.
+        entry: The journal entry's id (``None`` without a store, or once forgotten).
+
+    Raises:
+        InvalidArgumentType: ``payload`` is not JSON data (from the store).
+    """
+
+    __slots__ = ("_payload", "_store", "entry", "token")
+
+    def __init__(
+        self,
+        store: Store | None,
+        workflow_id: str | None,
+        payload: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.token = secrets.token_hex(16)
+        self._store = store
+        self._payload = {} if payload is None else dict(payload)
+        self.entry: int | None = None
+        if store is not None:
+            self.entry = store.journal_add(
+                "child_process", {**self._payload, "token": self.token}, workflow_id
+            )
+
+    def environment(self, given: Mapping[Any, Any] | None) -> dict[Any, Any]:
+        """``given`` (default: this process's environment) with the token added.
+
+        Args:
+            given: The environment the child would get (str or bytes keys).
+
+        Returns:
+            A new mapping; ``given`` is left unchanged.
+        """
+        token = self.token
+        if given is None and os.supports_bytes_environ:
+            # The bytes view: Popen encodes every str pair again (twice the cost).
+            return {**os.environb, _SPAWN_TOKEN_ENVB: token.encode()}
+        # One name, one value: an inherited token (this process was spawned
+        # too) in the other type would reach the child as a second entry.
+        env: dict[Any, Any] = dict(os.environ if given is None else given)
+        env.pop(_SPAWN_TOKEN_ENVB, None)
+        env[SPAWN_TOKEN_ENV] = token
+        return env
+
+    def popen(self, args: Sequence[str] | str, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen(args, **popen_kwargs)`` with the token in the child's environment.
+
+        Args:
+            args: As for ``subprocess.Popen``.
+            **popen_kwargs: As for ``subprocess.Popen``; ``env`` (default: this
+                process's environment) is copied and gets the token.
+
+        Returns:
+            The ``Popen``.
+
+        Raises:
+            OSError: the program could not be started (the entry is forgotten).
+        """
+        popen_kwargs["env"] = self.environment(popen_kwargs.get("env"))
+        try:
+            return subprocess.Popen(args, **popen_kwargs)
+        except Exception:
+            # Popen raises an Exception only when no child runs: it failed before
+            # the fork, or reaped a child whose exec (or preexec_fn) failed.
+            self.forget()
+            raise
+        except BaseException:
+            # Interrupted while waiting for the exec: a child may run, not yet
+            # known by its pid. Stop what already carries the token; the entry
+            # stays for recovery, should one still be about to exec.
+            _stop_carriers(self.token)
+            raise
+
+    def record(self, pid: int, start_time: float | None, **more: Any) -> None:
+        """Add the child's pid and start time (and ``more``) to the entry.
+
+        Args:
+            pid: The child's pid.
+            start_time: Its start time (``None``: it is already gone).
+            **more: More for the entry to hold (JSON data).
+        """
+        entry = self.entry
+        if entry is None:
+            return
+        assert self._store is not None
+        payload = {**self._payload, **more, "pid": pid, "start_time": start_time}
+        payload["token"] = self.token
+        self._store.journal_update(entry, payload)
+
+    def forget(self) -> None:
+        """Remove the entry (the child is gone, or was never started); idempotent."""
+        entry, self.entry = self.entry, None
+        if entry is not None:
+            assert self._store is not None
+            self._store.journal_remove(entry)
 
 
 class TrackedProcess:
@@ -236,52 +350,24 @@ def spawn(
     if wf is not None:
         _refuse_new_work(wf)
     popen_kwargs.setdefault("start_new_session", True)
-    token = secrets.token_hex(16)
-    given = popen_kwargs.get("env")
-    env: dict[Any, Any]
-    if given is None and os.supports_bytes_environ:
-        # The bytes view: Popen encodes every str pair again (twice the cost).
-        env = {**os.environb, _SPAWN_TOKEN_ENVB: token.encode()}
-    else:
-        # One name, one value: an inherited token (this process was spawned
-        # too) in the other type would reach the child as a second entry.
-        env = dict(os.environ if given is None else given)
-        env.pop(_SPAWN_TOKEN_ENVB, None)
-        env[SPAWN_TOKEN_ENV] = token
-    popen_kwargs["env"] = env
     scope = OperationScope("fs", "process", store)
     # Journaled before the child exists: a SIGKILL between the fork and the
-    # update below leaves an entry that still finds the child, by its token.
-    entry = scope.journal("child_process", {"token": token})
+    # record below leaves an entry that still finds the child, by its token.
+    child = ChildEntry(scope.store, wf.id if wf is not None else None)
     if wf is not None:
         try:
             _refuse_new_work(wf)  # again: a kill may have come during the write
         except BaseException:
-            scope.unjournal(entry)
+            child.forget()
             raise
-    try:
-        popen: subprocess.Popen[Any] = subprocess.Popen(args, **popen_kwargs)
-    except Exception:
-        # Popen raises an Exception only when no child runs: it failed before
-        # the fork, or reaped a child whose exec (or preexec_fn) failed.
-        scope.unjournal(entry)
-        raise
-    except BaseException:
-        # Interrupted while waiting for the exec: a child may run, not yet
-        # known by its pid. Stop what already carries the token; the entry
-        # stays for recovery, should one still be about to exec.
-        _stop_carriers(token)
-        raise
+    popen = child.popen(args, **popen_kwargs)
     start: float | None = None
     try:
         start = process_start_time(popen.pid)
         tracked = TrackedProcess(popen.pid, start, popen)
         scope.name = f"process {popen.pid}"
-        if entry is not None:
-            assert scope.store is not None
-            payload = {"pid": popen.pid, "start_time": start, "token": token}
-            scope.store.journal_update(entry, payload)
-        tracked._entry = entry
+        child.record(popen.pid, start)
+        tracked._entry = child.entry
         # Raises ForcedTermination, the child stopped, if the system phase took
         # the hooks over while the child was starting.
         _register(tracked, scope, stop_timeout)
@@ -290,7 +376,7 @@ def spawn(
         if popen.poll() is None:  # not reaped (by a stop the terminator ran): still ours
             kill_tree(popen.pid, start, force=True, timeout=1.0)
         popen.wait()
-        scope.unjournal(entry)
+        child.forget()
         raise
     return popen
 
