@@ -13,7 +13,9 @@ adds the missing half:
             ``git_lock``) before any git command can change anything
     body    git commands through the real ``git``, each in its own session
             (a terminal's Ctrl-C or a group SIGTERM does not reach it half-way
-            through a commit), journaled as ``child_process`` while it runs;
+            through a commit), journaled as ``child_process`` before it
+            starts, by a token in its environment (``ChildEntry``), and by
+            its pid once it runs;
             every ref a helper is about to touch is recorded (and journaled)
             first
     commit  nothing to do but forget the journal entries, shielded: each git
@@ -48,6 +50,7 @@ from typing import Any, Final
 import attrs
 import psutil
 
+from ._children import ChildEntry
 from ._exceptions import (
     ConfigurationError,
     GitCommandFailed,
@@ -508,10 +511,18 @@ class GitOperation:
         argv = (self._git, *_GIT_OPTIONS, *args)
         scope = self._scope
         assert scope is not None
+        wf = scope.workflow
+        # Journaled before the child exists (and outside the lock a rollback
+        # takes): a SIGKILL between the fork and the record below leaves an
+        # entry that still finds git, and what it started, by its token.
+        child = ChildEntry(
+            scope.store, wf.id if wf is not None else None, {"argv": list(argv), "cwd": self.repo}
+        )
         with self._lock:
             if self._closed:
+                child.forget()
                 raise OperationClosed(self.name, self.state)
-            proc = subprocess.Popen(
+            proc = child.popen(
                 argv,
                 cwd=self.repo,
                 env=self._env,
@@ -524,20 +535,9 @@ class GitOperation:
             )
             start = process_start_time(proc.pid)
             self._child = (proc, start)
-        entry = None
         try:
-            if start is not None:
-                entry = scope.journal(
-                    "child_process",
-                    {
-                        "pid": proc.pid,
-                        "start_time": start,
-                        "pgid": proc.pid,
-                        "argv": list(argv),
-                        "cwd": self.repo,
-                    },
-                )
-            if scope.workflow is None:
+            child.record(proc.pid, start, pgid=proc.pid)
+            if wf is None:
                 out, err = proc.communicate(input_text)
             else:
                 while True:
@@ -559,7 +559,7 @@ class GitOperation:
                     self._child = None
             if proc.poll() is not None:
                 # Reaped: nothing of it is left for a recovery to find.
-                scope.unjournal(entry)
+                child.forget()
         if self._is_closed():
             # The terminator rolled the operation back under us (abandoned thread).
             checkpoint()

@@ -563,6 +563,57 @@ def _crash(repo: Path, store_path: str = "") -> dict[str, Any]:
     return payload
 
 
+# A workflow process held just before it journals the pid of the git child it
+# started ("commit"): what a SIGKILL at that moment leaves. Its store is a real
+# SQLiteStore that, before that one write, reports the pid and blocks reading
+# stdin (which stays silent) until the test kills it.
+PAUSED_BEFORE_THE_PID = """
+import os, sys
+from pathlib import Path
+from termsafe import git_operation
+from termsafe._store import SQLiteStore
+
+class PausedBeforeThePid(SQLiteStore):
+    def journal_add(self, kind, payload, workflow_id=None):
+        self._pause(kind, payload)
+        return super().journal_add(kind, payload, workflow_id)
+
+    def journal_update(self, entry_id, payload):
+        self._pause("child_process", payload)
+        super().journal_update(entry_id, payload)
+
+    def _pause(self, kind, payload):
+        if kind == "child_process" and "pid" in payload and "commit" in payload["argv"]:
+            os.write(1, b"recording %d\\n" % payload["pid"])
+            os.read(0, 1)
+
+repo, store_path, git, fifo = sys.argv[1:5]
+store = PausedBeforeThePid(store_path)
+with git_operation(repo, store=store, git=git, env={"TERMSAFE_TEST_FIFO": fifo}) as op:
+    Path(repo, "a.txt").write_text("a\\n")
+    op.commit("add a", ["a.txt"])
+"""
+
+
+def _read_line(fd: int, timeout: float = WAIT) -> str:
+    """One line from ``fd``, within ``timeout`` seconds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no line within {timeout} s (read {data!r})"
+        data += os.read(fd, 256)
+    return data.decode().strip()
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs (a zombie only waits to be reaped)."""
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
 class TestSweep:
     def test_sweep_journal_restores_a_dead_operation(self, repo: Path, store: SQLiteStore) -> None:
         """After a SIGKILL mid-operation, sweep_journal hands the entry to sweep_stale_lock."""
@@ -631,6 +682,65 @@ class TestSweep:
         assert [] == locks(repo)
         assert old == refs(repo)
         assert [] == [e.kind for e in store.journal_entries() if e.kind != "child_process"]
+
+    def test_sigkill_before_a_git_childs_pid_is_journaled(
+        self, tmp_path: Path, repo: Path, store: SQLiteStore
+    ) -> None:
+        """A git child whose parent died before journaling its pid is stopped by recover (token)."""
+        real_git = shutil.which("git")
+        assert real_git is not None
+        wrapper = tmp_path / "git-wrapper"
+        # git commit takes index.lock; this one takes it, reports, and hangs there.
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            'case " $* " in *" commit "*)\n'
+            f'  : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
+            '  echo "ready $$" > "$TERMSAFE_TEST_FIFO"\n'
+            "  exec sleep 600;;\n"
+            "esac\n"
+            f'exec {shlex.quote(real_git)} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        fifo = tmp_path / "ready.fifo"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDWR)  # never blocks, and never sees EOF
+        old = refs(repo)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PAUSED_BEFORE_THE_PID]
+            + [str(p) for p in (repo, store.path, wrapper, fifo)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert parent.stdout is not None
+        child: psutil.Process | None = None
+        try:
+            word, pid = parent.stdout.readline().split()
+            assert "recording" == word
+            child = psutil.Process(int(pid))
+            assert f"ready {pid}" == _read_line(reader)
+            parent.kill()  # SIGKILL, after Popen, before the pid is journaled
+            assert -signal.SIGKILL == parent.wait(WAIT)
+            assert ["index.lock"] == locks(repo)
+            report = ts.recover(store, kill_timeout=0.2)
+            assert (child.pid,) == report.processes_killed
+            assert not _running(child)
+            assert report.clean, report.left
+            assert [] == locks(repo)
+            assert old == refs(repo)
+            assert "" == fsck(repo)
+            assert [] == store.journal_entries()
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+            parent.wait(WAIT)
+            assert parent.stdin is not None
+            parent.stdin.close()
+            parent.stdout.close()
+            os.close(reader)
+            if child is not None:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()  # psutil checks the start time: never a reused pid
 
     def test_payload_is_checked(self) -> None:
         """A payload that is not git_operation's is refused, naming it."""
@@ -962,7 +1072,10 @@ def _recover(store_path: str) -> str:
     store = SQLiteStore(store_path)
     report = ts.sweep_journal(store)
     for entry in store.journal_entries("child_process"):
-        if not psutil.pid_exists(entry.payload["pid"]):
+        # No pid: the child was journaled by its token and the kill came before
+        # its pid was recorded; the worker stopped the orphans already.
+        pid = entry.payload.get("pid")
+        if pid is None or not psutil.pid_exists(pid):
             store.journal_remove(entry.id)
     # Not closed: the child _exit()s, and a close would checkpoint the WAL each time.
     left = [e for e in report.left if e.kind != "child_process"]
