@@ -26,7 +26,10 @@ registered cleanup jobs.
 
 Everything the supervisor is about to act on is journaled first (a
 ``child_process`` entry per process of the tree, owned by the supervisor,
-kept up to date every ``JOURNAL_EVERY`` seconds while the command runs), and
+kept up to date every ``JOURNAL_EVERY`` seconds while the command runs; the
+command's own entry is written before the command starts, holding a token
+its environment carries as ``TERMSAFE_SPAWN_TOKEN``, and gets its pid once
+it runs), and
 the run stays non-final until the cleanup is done: if the supervisor
 itself is SIGKILLed at any point, ``termsafe recover`` finds a run whose
 supervisor is gone, stops what is left of the tree and finishes the job.
@@ -170,7 +173,10 @@ class Supervisor:
     The child's environment gets ``TERMSAFE_HOME`` (absolute),
     ``TERMSAFE_WORKFLOW_ID`` and ``TERMSAFE_RUN_ID``: a Python child can start
     ``workflow(os.environ["TERMSAFE_WORKFLOW_ID"])`` on a terminator with the
-    store to resume from its last checkpoint.
+    store to resume from its last checkpoint. It also gets
+    ``TERMSAFE_SPAWN_TOKEN``, the token of its journal entry, written before
+    it starts: if the supervisor dies before recording the child's pid,
+    ``recover()`` finds the child (and descendants that kept it) by the token.
 
     Args:
         argv: The command and its arguments.
@@ -334,6 +340,7 @@ class Supervisor:
                 ``serve_control``).
         """
         from ._audit import JsonlSink
+        from ._children import ChildEntry
         from ._events import EventPipe
         from ._store import open_default_store
 
@@ -374,8 +381,12 @@ class Supervisor:
                 TERMSAFE_WORKFLOW_ID=self.workflow_id,
                 TERMSAFE_RUN_ID=self.run_id,
             )
+            # Journaled before the child exists: a SIGKILL of this process
+            # between the fork and the record below leaves an entry that
+            # recover() finds the child by, through the token in its environment.
+            journal = ChildEntry(store, self.workflow_id, {"run_id": self.run_id})
             try:
-                popen = subprocess.Popen(self.argv, env=env, cwd=self._cwd, start_new_session=True)
+                popen = journal.popen(self.argv, env=env, cwd=self._cwd, start_new_session=True)
             except OSError as exc:
                 code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
                 self._say(f"cannot start {self.argv[0]!r}: {exc}")
@@ -396,9 +407,8 @@ class Supervisor:
                 self._popen = popen
                 self._child = child
                 self._state = S.RUNNING
-            # Journal first: from here on, the supervisor dying leaves nothing
-            # that recover() cannot find.
-            self._journal_procs([(popen.pid, child.start_time)])
+            journal.record(popen.pid, child.start_time)
+            self._journaled[popen.pid] = (child.start_time, journal.entry)
             me = current_identity()
             info: dict[str, Any] = {
                 "kind": "supervised",

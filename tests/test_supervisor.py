@@ -7,6 +7,7 @@ small Python scripts that report their pids on stdout. The supervisor's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -443,6 +444,35 @@ class TestKill:
         assert "completed" == out.read_text()
 
 
+# A supervisor held just before it journals the pid of the command it started:
+# what a SIGKILL at that moment leaves. Its store is a real SQLiteStore that,
+# before that one write, reports the pid and blocks reading stdin (which stays
+# silent) until the test kills it. The command reports its pid and waits.
+PAUSED_BEFORE_THE_PID = """
+import os, sys
+from termsafe._store import SQLiteStore
+from termsafe._supervisor import Supervisor
+
+class PausedBeforeThePid(SQLiteStore):
+    def journal_add(self, kind, payload, workflow_id=None):
+        self._pause(kind, payload)
+        return super().journal_add(kind, payload, workflow_id)
+
+    def journal_update(self, entry_id, payload):
+        self._pause("child_process", payload)
+        super().journal_update(entry_id, payload)
+
+    def _pause(self, kind, payload):
+        if kind == "child_process" and "pid" in payload:
+            os.write(1, b"recording %d\\n" % payload["pid"])
+            os.read(0, 1)
+
+command = "import os, signal; os.write(1, b'ready %d\\\\n' % os.getpid()); signal.pause()"
+store = PausedBeforeThePid(sys.argv[1])
+Supervisor([sys.executable, "-c", command], store=store, control=False).run()
+"""
+
+
 class TestSupervisorDies:
     def test_sigkill_mid_cleanup_then_recover_finishes(
         self, home: Path, store: SQLiteStore, supervise: list[Supervised], tmp_path: Path
@@ -503,6 +533,49 @@ class TestSupervisorDies:
         assert ["its supervisor is gone"] == [r["why"] for r in report["runs"]]
         assert [] == alive(list(pids.values()))
         assert [] == store.journal_entries()
+
+    def test_sigkill_before_the_commands_pid_is_journaled_then_recover_stops_it(
+        self, home: Path, store: SQLiteStore
+    ) -> None:
+        """A supervisor SIGKILLed after starting its command, before journaling the pid: recover
+        finds the command by the token in its environment and stops it."""
+        sup = subprocess.Popen(
+            [sys.executable, "-c", PAUSED_BEFORE_THE_PID, str(store.path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TERMSAFE_HOME": str(home)},
+        )
+        assert sup.stdout is not None
+        command: psutil.Process | None = None
+        try:
+            said: dict[str, int] = {}
+            while len(said) < 2:  # the supervisor's line and the command's, in any order
+                line = sup.stdout.readline()
+                assert line, f"output ended after {said}"
+                word, pid = line.split()
+                said[word] = int(pid)
+                if command is None:
+                    command = psutil.Process(int(pid))
+            assert said["recording"] == said["ready"]
+            assert command is not None
+            sup.kill()  # SIGKILL, after Popen, before the pid is journaled
+            assert -signal.SIGKILL == sup.wait(WAIT)
+            report = ts.recover(store, kill_timeout=0.2)
+            assert (command.pid,) == report.processes_killed
+            assert [] == alive([command.pid])
+            assert report.clean, report.left
+            assert [] == store.journal_entries()
+        finally:
+            if sup.poll() is None:
+                sup.kill()
+            sup.wait(WAIT)
+            assert sup.stdin is not None
+            sup.stdin.close()
+            if command is not None:
+                with contextlib.suppress(psutil.Error):
+                    command.kill()  # psutil checks the start time: never a reused pid
+            sup.stdout.close()  # the command, its last writer, is gone
 
     def test_sigkill_mid_ladder_then_recover_stops_the_tree(
         self, home: Path, store: SQLiteStore, supervise: list[Supervised], tree: str
