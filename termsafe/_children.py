@@ -7,7 +7,8 @@ holding a random token, which the child gets in its environment as
 with the child's pid and start time. A SIGKILL between the fork and that
 update leaves an entry without a pid; ``recover()`` then finds the child (and
 every descendant that kept the environment) by the token. ``ChildEntry`` is
-that machinery on its own, for every child termsafe starts.
+that machinery on its own: ``git_operation`` starts each git command through
+it, and the supervisor its command.
 """
 
 from __future__ import annotations
