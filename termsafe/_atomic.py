@@ -425,10 +425,15 @@ class _AtomicOperation:
 
     #: The audit event of a rollback.
     _rolled_back_event: ClassVar[str]
+    #: What the body writes, in messages ("temp", "staging folder").
+    _temp_name: ClassVar[str]
+    #: A new target's mode before the umask.
+    _new_mode: ClassVar[int]
 
     path: str
     durable: bool
     _folder: str
+    _target_stat: os.stat_result | None
     _scope: OperationScope | None
     _state: str
 
@@ -469,6 +474,17 @@ class _AtomicOperation:
         """Take the rollback hook and the journal entry back (after a commit, even a failed one)."""
         scope.succeeded()
 
+    def _give_target_mode(self, fd: int | None, temp: str) -> None:
+        """Give the temp the owner (where permitted) and mode of the target, or the new mode."""
+        default = self._new_mode & ~_current_umask(self._folder) if self._target_stat is None else 0
+        _copy_owner_and_mode(fd, temp, self._target_stat, default)
+
+    def _rolled_back_error(self) -> AtomicWriteError:
+        """The error of a commit that finds its temp already rolled back (by the terminator)."""
+        return AtomicWriteError(
+            self.path, "rename", errno.ENOENT, f"the {self._temp_name} was already rolled back"
+        )
+
     def _fsync_folder(self) -> None:
         """Make the rename durable (``durable`` only); the new content is already in place."""
         if not self.durable:
@@ -504,6 +520,8 @@ class _AtomicFile(_AtomicOperation):
     """The context manager ``atomic_file`` returns; single use."""
 
     _rolled_back_event = "atomic_file_rolled_back"
+    _temp_name = "temp"
+    _new_mode = 0o666
 
     def __init__(
         self,
@@ -707,13 +725,10 @@ class _AtomicFile(_AtomicOperation):
         fd = None if f.closed else f.fileno()
         tmp = self._tmp
         if tmp is None:
-            raise AtomicWriteError(
-                self.path, "rename", errno.ENOENT, "the temp was already rolled back"
-            )
+            raise self._rolled_back_error()
         step = "chmod"
         try:
-            default = 0o666 & ~_current_umask(self._folder) if self._target_stat is None else 0
-            _copy_owner_and_mode(fd, tmp, self._target_stat, default)
+            self._give_target_mode(fd, tmp)
             if self.durable:
                 step = "fsync"
                 if fd is not None:
@@ -736,9 +751,7 @@ class _AtomicFile(_AtomicOperation):
         with self._lock:
             tmp = self._tmp
             if tmp is None or self._state != "open":
-                raise AtomicWriteError(
-                    self.path, "rename", errno.ENOENT, "the temp was already rolled back"
-                )
+                raise self._rolled_back_error()
             try:
                 if self.exclusive:
                     _rename_noreplace(tmp, self._target)
@@ -867,6 +880,8 @@ class _AtomicDirectory(_AtomicOperation):
     """The context manager ``atomic_directory`` returns; single use."""
 
     _rolled_back_event = "atomic_directory_rolled_back"
+    _temp_name = "staging folder"
+    _new_mode = 0o777
 
     def __init__(self, path: object, durable: bool, store: Store | bool | None) -> None:
         if not isinstance(durable, bool):
@@ -973,13 +988,10 @@ class _AtomicDirectory(_AtomicOperation):
     def _prepare(self) -> None:
         staging = self._staging
         if staging is None:
-            raise AtomicWriteError(
-                self.path, "rename", errno.ENOENT, "the staging folder was already rolled back"
-            )
+            raise self._rolled_back_error()
         step = "chmod"
         try:
-            default = 0o777 & ~_current_umask(self._folder) if self._target_stat is None else 0
-            _copy_owner_and_mode(None, staging, self._target_stat, default)
+            self._give_target_mode(None, staging)
             if self.durable:
                 step = "fsync"
                 _fsync_tree(staging)
@@ -990,9 +1002,7 @@ class _AtomicDirectory(_AtomicOperation):
         with self._lock:
             staging = self._staging
             if staging is None or self._state != "open":
-                raise AtomicWriteError(
-                    self.path, "rename", errno.ENOENT, "the staging folder was already rolled back"
-                )
+                raise self._rolled_back_error()
             target = self._target
             try:
                 if self._target_stat is None:
