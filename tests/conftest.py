@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import random
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import pytest
 
-from termsafe import AuditEvent, MemorySink, Phases, Terminator
+from termsafe import AuditEvent, MemorySink, Phases, Principal, Terminator
 
 T = TypeVar("T")
 
@@ -17,6 +19,9 @@ SLOW = Phases(30.0, 30.0)
 
 #: How long a test waits for something that should happen at once (a loaded CI box).
 WAIT = 10.0
+
+#: Who kills in tests where the permission check is not the point.
+ADMIN = Principal("root", roles=("admin",))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -165,3 +170,10 @@ def term(make_term: TermFactory, sink: MemorySink) -> Terminator:
 def audit(term: Terminator, sink: MemorySink) -> Audit:
     """The audit trail of ``term``."""
     return Audit(term, sink)
+
+
+@pytest.fixture(scope="module")
+def kill_seed() -> int:
+    """The seed of the random kill delays (TERMSAFE_KILL_SEED to reproduce)."""
+    env = os.environ.get("TERMSAFE_KILL_SEED")
+    return int(env) if env else random.SystemRandom().randrange(2**31)

@@ -12,17 +12,19 @@ import select
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from _kills import event_types, kill_before, kill_in
+from _sigkill import Report, Spec, fork_child, read_to_end, run_trials, serve_trials, trial_workflow
+from conftest import ADMIN, WAIT
 
 import termsafe as ts
 from termsafe import (
@@ -34,7 +36,6 @@ from termsafe import (
     NotAGitRepository,
     OperationClosed,
     Phases,
-    Principal,
     Terminated,
     Terminator,
     WorkflowState,
@@ -44,9 +45,6 @@ from termsafe._git import sweep_stale_lock
 from termsafe._store import SQLiteStore
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="real git, fork and /proc")
-
-ADMIN = Principal("root", roles=("admin",))
-WAIT = 10.0
 
 
 def _git_env(tmp: Path) -> dict[str, str]:
@@ -858,25 +856,15 @@ class TestInWorkflow:
     ) -> None:
         """A kill during the operation is deferred; the operation commits, then the kill lands."""
         term: Terminator = make_term(store=store)
-        events: list[str] = []
-        term.add_event_listener(lambda e: events.append(e.type))
-        inside = threading.Event()
-        go_on = threading.Event()
+        events = event_types(term)
 
-        def body() -> None:
-            with term.workflow("w", owner="alice"), git_operation(repo) as op:
+        def body(pause: Callable[[], None]) -> None:
+            with git_operation(repo) as op:
                 op.branch("topic")
-                inside.set()
-                assert go_on.wait(WAIT)
+                pause()
                 op.branch("topic2")
 
-        job = jobs.start(body)
-        assert inside.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="deploy")
-        assert handle.deferred
-        go_on.set()
-        assert WorkflowState.TERMINATED == handle.wait(WAIT)
-        assert job.error() is None
+        assert kill_in(term, jobs, body, reason="deploy").deferred
         assert {"refs/heads/topic", "refs/heads/topic2"} <= set(refs(repo))
         assert term.flush(WAIT)
         assert "kill_deferred" in events
@@ -969,28 +957,12 @@ class TestInWorkflow:
     ) -> None:
         """With a kill pending, git_operation does not start: nothing is journaled or run."""
         term: Terminator = make_term(store=store)
-        ready = threading.Event()
-        go_on = threading.Event()
-        errors: list[BaseException] = []
 
-        def body() -> None:
-            with term.workflow("w", owner="alice"):
-                ready.set()
-                assert go_on.wait(WAIT)
-                try:
-                    with git_operation(repo):
-                        pass
-                except BaseException as exc:
-                    errors.append(exc)
-                    raise
+        def start() -> None:
+            with git_operation(repo):
+                pass
 
-        job = jobs.start(body)
-        assert ready.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="deploy")
-        go_on.set()
-        assert WorkflowState.TERMINATED == handle.wait(WAIT)
-        assert job.error() is None
-        assert isinstance(errors[0], Terminated)
+        assert isinstance(kill_before(term, jobs, start), Terminated)
         assert [] == store.journal_entries()
 
 
@@ -1001,54 +973,30 @@ KILL_RUNS = [
     ("branches", 120, 0),
     ("with-push", 85, 2),
 ]
-CALIBRATION = 3
 
 
 def _git_trial(spec: dict[str, Any], repo: str, fd: int) -> None:
     """The operation a forked child runs: commit, create, move and delete branches, push."""
     k = spec["trial"]
-    term = None
-    ctx: Any = None
-    if spec["in_workflow"]:
-        term = Terminator(sink=ts.MemorySink())
-        ctx = term.workflow(f"trial-{k}")
-        ctx.__enter__()
-    os.write(fd, b"R")
-    with git_operation(repo) as op:
-        Path(repo, f"f{k}.txt").write_text(f"trial {k}\n")
-        op.commit(f"trial {k}", [f"f{k}.txt"])
-        op.branch(f"t{k}")
-        op.branch("moving", force=True)
-        if spec["delete"]:
-            op.delete_branch(spec["delete"], force=True)
-        if spec["push"]:
-            op.push("origin", ["main", "moving"], force=True)
-    if ctx is not None:
-        ctx.__exit__(None, None, None)
-    os.write(fd, b"D")
+    with trial_workflow(spec):
+        os.write(fd, b"R")
+        with git_operation(repo) as op:
+            Path(repo, f"f{k}.txt").write_text(f"trial {k}\n")
+            op.commit(f"trial {k}", [f"f{k}.txt"])
+            op.branch(f"t{k}")
+            op.branch("moving", force=True)
+            if spec["delete"]:
+                op.delete_branch(spec["delete"], force=True)
+            if spec["push"]:
+                op.push("origin", ["main", "moving"], force=True)
 
 
-def _in_child(fn: Any) -> tuple[int, str]:
+def _in_child(fn: Callable[[], object]) -> tuple[int, str]:
     """Run ``fn()`` in a forked child (a later process); return its exit status and output."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(r)
-        code = 0
-        try:
-            out = fn()
-            os.write(w, str(out).encode())
-        except BaseException as exc:
-            os.write(w, repr(exc).encode()[:1000])
-            code = 1
-        os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
+    pid, r = fork_child(lambda fd: os.write(fd, str(fn()).encode()))
+    out = read_to_end(r)
     _, status = os.waitpid(pid, 0)
-    return status, data.decode(errors="replace")
+    return status, out.decode(errors="replace")
 
 
 def _kill_orphans() -> int:
@@ -1095,69 +1043,30 @@ def _git_worker(repo: str, store_path: str) -> None:
     # nothing is opened, so nothing crosses the forks.
     for module in ("termsafe._audit", "termsafe._recovery"):
         importlib.import_module(module)
-    for line in sys.stdin:
-        spec = json.loads(line)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os.close(r)
-            code = 0
-            try:
-                _git_trial(spec, repo, w)
-            except BaseException as exc:
-                os.write(w, b"E" + repr(exc).encode()[:400])
-                code = 1
-            os._exit(code)
-        os.close(w)
-        first = os.read(r, 1)
-        start = time.monotonic()
-        killed = False
-        if first == b"R":
-            ready, _, _ = select.select([r], [], [], spec["delay"])
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                killed = True
-        _, status = os.waitpid(pid, 0)
-        elapsed = time.monotonic() - start
-        rest = b""
-        while chunk := os.read(r, 4096):
-            rest += chunk
-        os.close(r)
-        orphans_killed = 0
-        if killed and spec["orphans"] == "kill":
-            orphans_killed = _kill_orphans()
-        # Whatever git the dead child left running finishes (or died above): reap it all.
-        while True:
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-        # What the crash left for the recovery to clean (the judge checks it is gone).
-        git_dir = Path(repo, ".git")
-        leftovers = len(list(git_dir.rglob("*.lock")))
-        leftovers += len(list(git_dir.glob("objects/??/tmp_obj_*")))
-        rstatus, rout = _in_child(lambda: _recover(store_path)) if killed else (0, "ok")
-        print(
-            json.dumps(
-                {
-                    "killed": killed,
-                    "status": status,
-                    "elapsed": elapsed,
-                    "out": (first + rest).decode(errors="replace"),
-                    "orphans_killed": orphans_killed,
-                    "leftovers": leftovers,
-                    "recovery": [rstatus, rout],
-                }
-            ),
-            flush=True,
-        )
+    serve_trials(
+        lambda spec, fd: _git_trial(spec, repo, fd),
+        lambda spec, report: _after_trial(spec, report, repo, store_path),
+    )
 
 
-@pytest.fixture(scope="module")
-def kill_seed() -> int:
-    """The seed of the random kill delays (TERMSAFE_KILL_SEED to reproduce)."""
-    env = os.environ.get("TERMSAFE_KILL_SEED")
-    return int(env) if env else random.SystemRandom().randrange(2**31)
+def _after_trial(spec: Spec, report: Report, repo: str, store_path: str) -> Report:
+    """After a trial, in the worker: stop or reap what the child left; recover if it was killed."""
+    orphans_killed = 0
+    if report["killed"] and spec["orphans"] == "kill":
+        orphans_killed = _kill_orphans()
+    # Whatever git the dead child left running finishes (or died above): reap it all.
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    # What the crash left for the recovery to clean (the judge checks it is gone).
+    git_dir = Path(repo, ".git")
+    leftovers = len(list(git_dir.rglob("*.lock")))
+    leftovers += len(list(git_dir.glob("objects/??/tmp_obj_*")))
+    killed = report["killed"]
+    rstatus, rout = _in_child(lambda: _recover(store_path)) if killed else (0, "ok")
+    return {"orphans_killed": orphans_killed, "leftovers": leftovers, "recovery": [rstatus, rout]}
 
 
 def _judge(repo: Path, old: dict[str, str], k: int, spec: dict[str, Any]) -> bool:
@@ -1203,74 +1112,40 @@ class TestSigkill:
     ) -> None:
         """Random SIGKILLs, then recovery: fsck clean, no locks, refs all old or all new."""
         seed = kill_seed + (1 if push_every else 0)
-        rng = random.Random(seed)
         store_path = str(tmp_path / "termsafe" / "store.sqlite3")
-        worker = subprocess.Popen(
+        before: dict[int, dict[str, str]] = {}
+
+        def spec(trial: int, rng: random.Random) -> Spec:
+            old = before[trial] = refs(repo)
+            prior = sorted(r for r in old if r.startswith("refs/heads/t"))
+            return {
+                "in_workflow": trial % 2 == 1,
+                "delete": prior[0].removeprefix("refs/heads/") if prior else None,
+                "push": bool(push_every) and trial % push_every == 0,
+                "orphans": rng.choice(["kill", "wait"]),
+            }
+
+        def judge(spec: Spec, report: Report) -> bool:
+            assert [0, "ok"] == report["recovery"]
+            return _judge(repo, before.pop(spec["trial"]), spec["trial"], spec)
+
+        outcomes, reports = run_trials(
             [sys.executable, __file__, "worker", str(repo), store_path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            seed=seed,
+            kills=kills,
+            spec=spec,
+            judge=judge,
+            calibration_delay=60.0,
         )
-        assert worker.stdin is not None
-        assert worker.stdout is not None
-        outcomes = {
-            "killed_before": 0,
-            "killed_after": 0,
-            "completed": 0,
-            "orphans_killed": 0,
-            "leftovers_swept": 0,
+        killed = [report for report in reports if report["killed"]]
+        swept = {
+            "orphans_killed": sum(max(0, report["orphans_killed"]) for report in killed),
+            "leftovers_swept": sum(report["leftovers"] for report in killed),
         }
-        durations: list[float] = []
-        trial = 0
-        try:
-            while outcomes["killed_before"] + outcomes["killed_after"] < kills:
-                assert trial < CALIBRATION + 4 * kills, f"seed {seed}: too few kills: {outcomes}"
-                calibrating = trial < CALIBRATION
-                span = 1.25 * statistics.median(durations) if durations else 1.0
-                delay = 60.0 if calibrating else rng.uniform(0.0, span)
-                old = refs(repo)
-                prior = sorted(r for r in old if r.startswith("refs/heads/t"))
-                spec = {
-                    "trial": trial,
-                    "delay": delay,
-                    "in_workflow": trial % 2 == 1,
-                    "delete": prior[0].removeprefix("refs/heads/") if prior else None,
-                    "push": bool(push_every) and trial % push_every == 0,
-                    "orphans": rng.choice(["kill", "wait"]),
-                }
-                worker.stdin.write(json.dumps(spec) + "\n")
-                worker.stdin.flush()
-                line = worker.stdout.readline()
-                assert line, f"worker died (seed {seed})"
-                report = json.loads(line)
-                context = f"seed {seed}, trial {trial}, spec {spec}, report {report}"
-                assert [0, "ok"] == report["recovery"], context
-                try:
-                    applied = _judge(repo, old, trial, spec)
-                except AssertionError as exc:
-                    raise AssertionError(f"{context}: {exc}") from exc
-                if report["killed"]:
-                    outcomes["killed_after" if applied else "killed_before"] += 1
-                    outcomes["orphans_killed"] += max(0, report["orphans_killed"])
-                    outcomes["leftovers_swept"] += report["leftovers"]
-                else:
-                    assert 0 == report["status"], context
-                    assert True is applied, context
-                    outcomes["completed"] += 1
-                    durations.append(report["elapsed"])
-                trial += 1
-        finally:
-            worker.stdin.close()
-            try:
-                worker.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            worker.stdout.close()
         assert "" == fsck(remote)
         assert [] == _no_git_running(repo)
         assert outcomes["killed_before"] >= 10, (
-            f"seed {seed}: kills must land mid-operation: {outcomes}"
+            f"seed {seed}: kills must land mid-operation: {outcomes | swept}"
         )
 
 

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import select
-import signal
 import sqlite3
-import statistics
-import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from _kills import event_types, kill_before, kill_during_commit, kill_in, start_in_body
+from _sigkill import VersionJudge, run_trials, serve_trials, trial_workflow
+from conftest import ADMIN, WAIT
 
 import termsafe as ts
 from termsafe import (
     ConfigurationError,
     InvalidArgumentType,
     Phases,
-    Principal,
     Terminated,
     Terminator,
     TransactionStateError,
@@ -31,8 +28,6 @@ from termsafe import (
     transaction,
 )
 
-ADMIN = Principal("root", roles=("admin",))
-WAIT = 10.0
 LEVELS: list[str | None] = [None, "", "DEFERRED", "IMMEDIATE", "EXCLUSIVE"]
 
 
@@ -484,26 +479,10 @@ class TestDbApi:
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="sqlite3 autocommit attribute is 3.12+")
 class TestAutocommitAttribute:
-    def test_autocommit_true(self, tmp_path: Path) -> None:
-        """autocommit=True: termsafe sends BEGIN/COMMIT itself; DDL rolls back."""
-        conn = sqlite3.connect(tmp_path / "t.db", **cast(Any, {"autocommit": True}))
-
-        def body() -> None:
-            with transaction(conn):
-                conn.execute("CREATE TABLE items (n INTEGER)")
-                raise ValueError("z")
-
-        with pytest.raises(ValueError, match="z"):
-            body()
-        assert [] == _tables(conn)
-        with transaction(conn):
-            conn.execute("CREATE TABLE items (n INTEGER)")
-        assert ["items"] == _tables(sqlite3.connect(tmp_path / "t.db"))
-        conn.close()
-
-    def test_autocommit_false(self, tmp_path: Path) -> None:
-        """autocommit=False: always in a transaction; commit()/rollback() end it."""
-        conn = sqlite3.connect(tmp_path / "t.db", **cast(Any, {"autocommit": False}))
+    @pytest.mark.parametrize("autocommit", [True, False], ids=["true", "false"])
+    def test_autocommit(self, tmp_path: Path, autocommit: bool) -> None:
+        """sqlite3's autocommit attribute, True or False: DDL rolls back on an error and commits."""
+        conn = sqlite3.connect(tmp_path / "t.db", **cast(Any, {"autocommit": autocommit}))
 
         def body() -> None:
             with transaction(conn):
@@ -520,23 +499,31 @@ class TestAutocommitAttribute:
 
 
 class SlowCommit(sqlite3.Connection):
-    """A real sqlite3 connection whose COMMIT waits for the test to let it go."""
+    """A real sqlite3 connection whose COMMIT waits for the test to let it go (a ``CommitGate``)."""
 
     entered: threading.Event
-    release: threading.Event
+    released: threading.Event
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql == "COMMIT":
             self.entered.set()
-            assert self.release.wait(WAIT)
+            assert self.released.wait(WAIT)
         return super().execute(sql, *args)
+
+    def wait_entered(self) -> None:
+        """Return once COMMIT is waiting."""
+        assert self.entered.wait(WAIT)
+
+    def release(self) -> None:
+        """Let COMMIT go on."""
+        self.released.set()
 
 
 def _slow(path: Path) -> SlowCommit:
     conn = sqlite3.connect(path, isolation_level=None, factory=SlowCommit, check_same_thread=False)
     assert isinstance(conn, SlowCommit)
     conn.entered = threading.Event()
-    conn.release = threading.Event()
+    conn.released = threading.Event()
     conn.execute("CREATE TABLE IF NOT EXISTS items (n INTEGER)")
     return conn
 
@@ -545,23 +532,11 @@ class TestInWorkflow:
     def test_kill_in_body_rolls_back(self, tmp_path: Path, make_term: Any, jobs: Any) -> None:
         """A kill landing at a checkpoint in the body rolls back; the workflow is terminated."""
         term: Terminator = make_term()
-        events: list[str] = []
-        term.add_event_listener(lambda e: events.append(e.type))
+        events = event_types(term)
         conn = _connect(tmp_path / "t.db", "", check_same_thread=False)
         conn.execute("CREATE TABLE items (n INTEGER)")
         conn.commit()
-        inserted = threading.Event()
-
-        def body() -> WorkflowState:
-            with term.workflow("w", owner="alice") as wf, transaction(conn):
-                conn.execute("INSERT INTO items VALUES (1)")
-                inserted.set()
-                while True:
-                    ts.sleep(0.05)
-            return wf.state
-
-        job = jobs.start(body)
-        assert inserted.wait(WAIT)
+        job = start_in_body(term, jobs, conn, lambda: conn.execute("INSERT INTO items VALUES (1)"))
         assert WorkflowState.TERMINATED == term.kill("w", by=ADMIN, reason="test").wait(WAIT)
         assert WorkflowState.TERMINATED == job.result()
         assert 0 == _count(tmp_path / "t.db")
@@ -573,23 +548,12 @@ class TestInWorkflow:
     def test_kill_during_commit_commits(self, tmp_path: Path, make_term: Any, jobs: Any) -> None:
         """A kill during COMMIT waits for it: committed on disk and reported committed."""
         term: Terminator = make_term()
-        events: list[str] = []
-        term.add_event_listener(lambda e: events.append(e.type))
+        events = event_types(term)
         conn = _slow(tmp_path / "t.db")
-
-        def body() -> None:
-            with term.workflow("w", owner="alice"), transaction(conn):
-                conn.execute("INSERT INTO items VALUES (1)")
-
-        job = jobs.start(body)
-        assert conn.entered.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="test")
-        assert handle.deferred
-        conn.release.set()
-        assert WorkflowState.TERMINATED == handle.wait(WAIT)
-        assert isinstance(job.error(), Terminated) or job.error() is None
+        killed = kill_during_commit(term, jobs, conn, conn)
+        assert WorkflowState.TERMINATED == killed.state
+        assert isinstance(killed.error, Terminated) or killed.error is None
         assert 1 == _count(tmp_path / "t.db")
-        assert term.flush(WAIT)
         assert "transaction_committed" in events
         assert "transaction_rolled_back" not in events
         conn.close()
@@ -599,30 +563,10 @@ class TestInWorkflow:
     ) -> None:
         """Even a forced kill whose db grace ran out does not split the COMMIT."""
         term: Terminator = make_term(Phases(0.05, 30.0), section_grace={"db": 0.05})
-        seen: dict[str, threading.Event] = {"grace_expired": threading.Event()}
-        events: list[str] = []
-
-        def listen(event: ts.AuditEvent) -> None:
-            events.append(event.type)
-            if event.type in seen:
-                seen[event.type].set()
-
-        term.add_event_listener(listen)
+        events = event_types(term)
         conn = _slow(tmp_path / "t.db")
-
-        def body() -> None:
-            with term.workflow("w", owner="alice"), transaction(conn):
-                conn.execute("INSERT INTO items VALUES (1)")
-
-        job = jobs.start(body)
-        assert conn.entered.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="test", force=True)
-        assert seen["grace_expired"].wait(WAIT)
-        conn.release.set()
-        handle.wait(WAIT)
-        job.error()
+        kill_during_commit(term, jobs, conn, conn, force=True)
         assert 1 == _count(tmp_path / "t.db")
-        assert term.flush(WAIT)
         assert "transaction_committed" in events
         assert "transaction_rolled_back" not in events
         conn.close()
@@ -634,21 +578,13 @@ class TestInWorkflow:
         term: Terminator = make_term()
         conn = _connect(tmp_path / "t.db", None, check_same_thread=False)
         conn.execute("CREATE TABLE items (n INTEGER)")
-        in_body = threading.Event()
-        go_on = threading.Event()
 
-        def body() -> None:
-            with term.workflow("w", owner="alice"), transaction(conn):
+        def body(pause: Callable[[], None]) -> None:
+            with transaction(conn):
                 conn.execute("INSERT INTO items VALUES (1)")
-                in_body.set()
-                assert go_on.wait(WAIT)
+                pause()
 
-        job = jobs.start(body)
-        assert in_body.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="test")
-        go_on.set()
-        assert WorkflowState.TERMINATED == handle.wait(WAIT)
-        assert job.error() is None
+        kill_in(term, jobs, body)
         assert 0 == _count(tmp_path / "t.db")
         conn.close()
 
@@ -659,22 +595,13 @@ class TestInWorkflow:
         term: Terminator = make_term()
         conn = _connect(tmp_path / "t.db", None, check_same_thread=False)
         conn.execute("CREATE TABLE items (n INTEGER)")
-        in_body = threading.Event()
-        go_on = threading.Event()
 
-        def body() -> None:
-            with term.workflow("w", owner="alice"), ts.critical_section("db"), transaction(conn):
+        def body(pause: Callable[[], None]) -> None:
+            with ts.critical_section("db"), transaction(conn):
                 conn.execute("INSERT INTO items VALUES (1)")
-                in_body.set()
-                assert go_on.wait(WAIT)
+                pause()
 
-        job = jobs.start(body)
-        assert in_body.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="test")
-        assert handle.deferred
-        go_on.set()
-        assert WorkflowState.TERMINATED == handle.wait(WAIT)
-        assert job.error() is None
+        assert kill_in(term, jobs, body).deferred
         assert 1 == _count(tmp_path / "t.db")
         conn.close()
 
@@ -683,28 +610,12 @@ class TestInWorkflow:
         term: Terminator = make_term()
         conn = _connect(tmp_path / "t.db", None, check_same_thread=False)
         conn.execute("CREATE TABLE items (n INTEGER)")
-        ready = threading.Event()
-        go_on = threading.Event()
-        errors: list[BaseException] = []
 
-        def body() -> None:
-            with term.workflow("w", owner="alice"):
-                ready.set()
-                assert go_on.wait(WAIT)
-                try:
-                    with transaction(conn):
-                        conn.execute("INSERT INTO items VALUES (1)")
-                except BaseException as exc:
-                    errors.append(exc)
-                    raise
+        def insert() -> None:
+            with transaction(conn):
+                conn.execute("INSERT INTO items VALUES (1)")
 
-        job = jobs.start(body)
-        assert ready.wait(WAIT)
-        handle = term.kill("w", by=ADMIN, reason="test")
-        go_on.set()
-        assert WorkflowState.TERMINATED == handle.wait(WAIT)
-        assert job.error() is None
-        assert isinstance(errors[0], Terminated)
+        assert isinstance(kill_before(term, jobs, insert), Terminated)
         assert False is conn.in_transaction
         assert 0 == _count(tmp_path / "t.db")
         conn.close()
@@ -751,7 +662,6 @@ SCENARIOS = [
     ("migration", "delete", 55),
     ("migration", "wal", 55),
 ]
-CALIBRATION = 3
 
 
 def _setup_db(path: Path, scenario: str, journal: str) -> None:
@@ -774,99 +684,55 @@ def _setup_db(path: Path, scenario: str, journal: str) -> None:
     conn.close()
 
 
-def _trial(spec: dict[str, Any], path: str) -> None:
+def _trial(spec: dict[str, Any], path: str, fd: int) -> None:
     """The operation a forked child runs (then it is SIGKILLed, or completes)."""
     level = spec["level"]
     conn = sqlite3.connect(path, isolation_level=level, timeout=30)
     scenario = spec["scenario"]
     rng = random.Random(spec["trial"])
-    term = None
-    ctx: Any = None
-    if spec["in_workflow"]:
-        term = Terminator(sink=ts.MemorySink())
-        ctx = term.workflow(f"trial-{spec['trial']}")
-        ctx.__enter__()
-    os.write(spec["fd"], b"R")
-    with transaction(conn):
-        if scenario == "batch":
-            payload = "x" * 16
-            for n in range(BATCH_ROWS):
-                conn.execute("INSERT INTO items VALUES (?, ?, ?)", (spec["trial"], n, payload))
-        elif scenario == "update":
-            ids = list(range(ACCOUNTS))
-            rng.shuffle(ids)
-            for a, b in zip(ids[::2], ids[1::2], strict=True):
-                amount = rng.randrange(1, 50)
-                conn.execute(
-                    "UPDATE accounts SET balance = balance - ?, version = version + 1 WHERE id = ?",
-                    (amount, a),
-                )
-                conn.execute(
-                    "UPDATE accounts SET balance = balance + ?, version = version + 1 WHERE id = ?",
-                    (amount, b),
-                )
-        else:
-            v = conn.execute("PRAGMA user_version").fetchone()[0]
-            conn.execute(f"ALTER TABLE mig ADD COLUMN c{v} INTEGER NOT NULL DEFAULT 0")
-            conn.execute(f"UPDATE mig SET c{v} = id * {v + 1}")
-            conn.execute(f"CREATE INDEX mig_c{v} ON mig(c{v})")
-            conn.execute(f"CREATE TABLE side_{v} (id INTEGER PRIMARY KEY, val INTEGER)")
-            conn.execute(f"INSERT INTO side_{v} SELECT id, c{v} FROM mig")
-            conn.execute(f"PRAGMA user_version = {v + 1}")
-    if ctx is not None:
-        ctx.__exit__(None, None, None)
-    os.write(spec["fd"], b"D")
+    with trial_workflow(spec):
+        os.write(fd, b"R")
+        with transaction(conn):
+            if scenario == "batch":
+                payload = "x" * 16
+                for n in range(BATCH_ROWS):
+                    conn.execute("INSERT INTO items VALUES (?, ?, ?)", (spec["trial"], n, payload))
+            elif scenario == "update":
+                ids = list(range(ACCOUNTS))
+                rng.shuffle(ids)
+                for a, b in zip(ids[::2], ids[1::2], strict=True):
+                    amount = rng.randrange(1, 50)
+                    conn.execute(
+                        "UPDATE accounts SET balance = balance - ?, version = version + 1 "
+                        "WHERE id = ?",
+                        (amount, a),
+                    )
+                    conn.execute(
+                        "UPDATE accounts SET balance = balance + ?, version = version + 1 "
+                        "WHERE id = ?",
+                        (amount, b),
+                    )
+            else:
+                v = conn.execute("PRAGMA user_version").fetchone()[0]
+                conn.execute(f"ALTER TABLE mig ADD COLUMN c{v} INTEGER NOT NULL DEFAULT 0")
+                conn.execute(f"UPDATE mig SET c{v} = id * {v + 1}")
+                conn.execute(f"CREATE INDEX mig_c{v} ON mig(c{v})")
+                conn.execute(f"CREATE TABLE side_{v} (id INTEGER PRIMARY KEY, val INTEGER)")
+                conn.execute(f"INSERT INTO side_{v} SELECT id, c{v} FROM mig")
+                conn.execute(f"PRAGMA user_version = {v + 1}")
 
 
 def _worker(path: str) -> None:
     """One process per scenario: forks a child per trial, SIGKILLs it after the given delay."""
-    for line in sys.stdin:
-        spec = json.loads(line)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os.close(r)
-            code = 0
-            try:
-                _trial({**spec, "fd": w}, path)
-            except BaseException as exc:
-                os.write(w, b"E" + repr(exc).encode()[:400])
-                code = 1
-            os._exit(code)
-        os.close(w)
-        first = os.read(r, 1)
-        start = _now()
-        killed = False
-        if first == b"R":
-            ready, _, _ = select.select([r], [], [], spec["delay"])
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                killed = True
-        _, status = os.waitpid(pid, 0)
-        elapsed = _now() - start
-        rest = b""
-        while chunk := os.read(r, 4096):
-            rest += chunk
-        os.close(r)
-        tail = (first + rest).decode(errors="replace")
-        print(
-            json.dumps({"killed": killed, "status": status, "elapsed": elapsed, "out": tail}),
-            flush=True,
-        )
+    serve_trials(lambda spec, fd: _trial(spec, path, fd))
 
 
-def _now() -> float:
-    import time
-
-    return time.monotonic()
-
-
-class Judge:
+class Judge(VersionJudge):
     """Reads a scenario's database after each trial with SQLite's own checks."""
 
     def __init__(self, path: Path, scenario: str) -> None:
         self.path = path
-        self.scenario = scenario
+        super().__init__(scenario, BATCH_ROWS)
 
     def snapshot(self) -> Any:
         conn = sqlite3.connect(self.path)
@@ -901,22 +767,6 @@ class Judge:
         finally:
             conn.close()
 
-    def applied(self, before: Any, after: Any, trial: int) -> bool:
-        """Whether the trial's change is all there (True) or not at all (False); raise if torn."""
-        if self.scenario == "batch":
-            rows = after.get(trial, 0)
-            assert rows in (0, BATCH_ROWS), f"batch {trial} torn: {rows} rows"
-            return bool(rows)
-        assert after in (before, before + 1), f"{self.scenario}: {before} -> {after}"
-        return bool(after == before + 1)
-
-
-@pytest.fixture(scope="module")
-def kill_seed() -> int:
-    """The seed of the random kill delays (TERMSAFE_KILL_SEED to reproduce)."""
-    env = os.environ.get("TERMSAFE_KILL_SEED")
-    return int(env) if env else random.SystemRandom().randrange(2**31)
-
 
 class TestSigkill:
     @pytest.mark.parametrize(("scenario", "journal", "kills"), SCENARIOS)
@@ -925,63 +775,24 @@ class TestSigkill:
     ) -> None:
         """Random SIGKILLs leave integrity_check ok and each transaction all-or-nothing."""
         seed = kill_seed + hash((scenario, journal)) % 1000
-        rng = random.Random(seed)
         path = tmp_path / "kill.db"
         _setup_db(path, scenario, journal)
-        judge = Judge(path, scenario)
-        worker = subprocess.Popen(
-            [sys.executable, __file__, "worker", str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert worker.stdin is not None
-        assert worker.stdout is not None
         levels: list[str | None] = [None, "", "DEFERRED", "IMMEDIATE"]
-        outcomes = {"killed_before": 0, "killed_after": 0, "completed": 0}
-        durations: list[float] = []
-        trial = 0
-        try:
-            state = judge.snapshot()
-            while outcomes["killed_before"] + outcomes["killed_after"] < kills:
-                assert trial < CALIBRATION + 4 * kills, f"seed {seed}: too few kills: {outcomes}"
-                calibrating = trial < CALIBRATION
-                # Delays cover the whole operation and a little after it (1.25x
-                # the median duration of the trials that completed).
-                span = 1.25 * statistics.median(durations) if durations else 1.0
-                delay = 30.0 if calibrating else rng.uniform(0.0, span)
-                spec = {
-                    "trial": trial,
-                    "scenario": scenario,
-                    "level": levels[trial % len(levels)],
-                    "in_workflow": trial % 2 == 1,
-                    "delay": delay,
-                }
-                worker.stdin.write(json.dumps(spec) + "\n")
-                worker.stdin.flush()
-                line = worker.stdout.readline()
-                assert line, f"worker died (seed {seed})"
-                report = json.loads(line)
-                after = judge.snapshot()
-                applied = judge.applied(state, after, trial)
-                context = f"seed {seed}, trial {trial}, delay {delay:.4f}, report {report}"
-                if report["killed"]:
-                    outcomes["killed_after" if applied else "killed_before"] += 1
-                else:
-                    assert 0 == report["status"], context
-                    assert True is applied, context
-                    outcomes["completed"] += 1
-                    durations.append(report["elapsed"])
-                state = after
-                trial += 1
-        finally:
-            worker.stdin.close()
-            try:
-                worker.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            worker.stdout.close()
+
+        def spec(trial: int, rng: random.Random) -> dict[str, Any]:
+            return {
+                "scenario": scenario,
+                "level": levels[trial % len(levels)],
+                "in_workflow": trial % 2 == 1,
+            }
+
+        outcomes, _ = run_trials(
+            [sys.executable, __file__, "worker", str(path)],
+            seed=seed,
+            kills=kills,
+            spec=spec,
+            judge=Judge(path, scenario).each_trial(),
+        )
         assert outcomes["killed_before"] >= 5, (
             f"seed {seed}: kills must land mid-transaction: {outcomes}"
         )
