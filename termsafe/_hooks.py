@@ -39,15 +39,33 @@ def hook_name(fn: Callable[..., Any]) -> str:
 class Hook:
     """A registered hook. Returned by ``on_rollback``/``on_cleanup``; pass it to ``remove``."""
 
-    __slots__ = ("fn", "is_async", "kind", "name", "started", "state")
+    __slots__ = ("_is_async", "_name", "fn", "kind", "started", "state")
 
     def __init__(self, fn: Callable[[], Any], kind: HookKind) -> None:
         self.fn = fn
         self.kind: HookKind = kind
-        self.name = hook_name(fn)
-        self.is_async = inspect.iscoroutinefunction(fn)
+        # Worked out when first asked: most hooks are taken back unrun (the
+        # operation committed), and every safe operation registers one.
+        self._name: str | None = None
+        self._is_async: bool | None = None
         self.state = PENDING
         self.started = 0.0
+
+    @property
+    def name(self) -> str:
+        """A readable name of the hook's function, for events and errors."""
+        name = self._name
+        if name is None:
+            name = self._name = hook_name(self.fn)
+        return name
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the hook is a coroutine function (awaited, not called)."""
+        is_async = self._is_async
+        if is_async is None:
+            is_async = self._is_async = inspect.iscoroutinefunction(self.fn)
+        return is_async
 
     def __repr__(self) -> str:
         state = ("pending", "running", "done", "removed", "discarded")[self.state]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from ._exceptions import ForcedTermination
@@ -67,6 +68,38 @@ def resolve_store(store: Store | bool | None, wf: Workflow | None) -> Store | No
 
         _open_default_store = open_default_store
     return _open_default_store()
+
+
+class _CommitStep:
+    """``with critical_section(kind), shielded():`` as one object.
+
+    Every commit inside a workflow goes through it; the generator-based
+    equivalent cost four Python calls and a generator per commit.
+    """
+
+    __slots__ = ("_section", "_wf")
+
+    def __init__(self, section: CriticalSection) -> None:
+        self._section = section
+        self._wf: Workflow | None = None
+
+    def __enter__(self) -> None:
+        self._section.__enter__()  # a pending kill refuses the commit here
+        wf = self._wf = current_workflow()
+        if wf is not None:
+            wf.shield_depth += 1
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        wf = self._wf
+        if wf is not None:
+            wf.shield_depth -= 1
+        # A kill the commit deferred lands here, as the section closes.
+        self._section.__exit__(exc_type, exc, tb)
 
 
 class OperationScope:
@@ -192,16 +225,9 @@ class OperationScope:
         """
         if self.workflow is None:
             return _NO_STEP
-        return self._committing()
-
-    @contextlib.contextmanager
-    def _committing(self) -> Iterator[None]:
         if self._body_section is not None:
-            with shielded():
-                yield
-            return
-        with critical_section(self.kind), shielded():
-            yield
+            return shielded()
+        return _CommitStep(critical_section(self.kind))
 
     # -- exit ----------------------------------------------------------------
 
