@@ -30,7 +30,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -142,9 +142,13 @@ class KillRequest:
         "reason",
         "requested_at",
         "system_at",
+        "wf",
     )
 
-    def __init__(self, by: Principal, reason: str, force: bool, requested_at: float) -> None:
+    def __init__(
+        self, wf: Workflow, by: Principal, reason: str, force: bool, requested_at: float
+    ) -> None:
+        self.wf = wf
         self.by = by
         self.reason = reason
         self.force = force
@@ -297,6 +301,10 @@ class Terminator:
         self._orphans: list[Workflow] = []
         self._orphan_procs: list[Any] = []
         self._timer = DeadlineTimer()
+        # Bound once: a kill storm schedules one deadline per kill.
+        self._on_sections_due = self._sections_due
+        self._on_forced_due = self._forced_due
+        self._on_system_due = self._system_due
         self._recorder = Recorder(metrics_hook)
         self._pipe = EventPipe(sink, self._delivered, self._sink_failed)
         self._pipe.add_listener(self._dispatch_alert)
@@ -589,7 +597,7 @@ class Terminator:
     ) -> KillHandle:
         now = time.monotonic()
         escalate = False
-        sections: list[tuple[str, float]] = []
+        sections: Sequence[tuple[str, float]] = ()
         deadlines = (0.0, 0.0)
         with wf.lock:
             if is_terminal(wf.state):
@@ -601,7 +609,7 @@ class Terminator:
                 request = wf.kill
                 fresh = request is None
                 if request is None:
-                    request = KillRequest(by, reason, force, now)
+                    request = KillRequest(wf, by, reason, force, now)
                     request.handle = KillHandle(wf, request)
                     wf.kill = request
                     if wf.state is S.PENDING:
@@ -664,7 +672,7 @@ class Terminator:
         reason: str,
         force: bool,
         request: KillRequest,
-        sections: list[tuple[str, float]],
+        sections: Sequence[tuple[str, float]],
         deadlines: tuple[float, float],
     ) -> None:
         actor = by.as_dict()
@@ -703,7 +711,9 @@ class Terminator:
             # An unknown kind was refused at entry; this is belt and braces.
             return 0.0
 
-    def _deadlines_in(self, force: bool, sections: list[tuple[str, float]]) -> tuple[float, float]:
+    def _deadlines_in(
+        self, force: bool, sections: Sequence[tuple[str, float]]
+    ) -> tuple[float, float]:
         """Seconds from a kill request to its forced phase and to its system phase."""
         phases = self.phases
         forced_in = 0.0 if force else phases.graceful
@@ -718,7 +728,7 @@ class Terminator:
         wf: Workflow,
         request: KillRequest,
         now: float,
-        sections: list[tuple[str, float]],
+        sections: Sequence[tuple[str, float]],
         deadlines: tuple[float, float],
     ) -> None:
         graces = sorted({g for _, g in sections}) if sections else ()
@@ -726,16 +736,26 @@ class Terminator:
         system_at = now + system_in
         # Set before any deadline is queued: a zero-length phase fires at once.
         request.system_at = system_at
+        timer = self._timer
         for grace in graces:
-            self._timer.call_at(now + grace, lambda: self._expire_sections(wf, request))
+            timer.call_at(now + grace, self._on_sections_due, request)
         if request.force:
-            self._timer.call_at(system_at, lambda: self._phase_system(wf, request))
+            timer.call_at(system_at, self._on_system_due, request)
             self._forced_actions_run(wf, request)
         else:
             # One deadline per kill: the forced phase queues the system phase.
-            self._timer.call_at(
-                now + forced_in, lambda: self._phase_forced(wf, request, escalated=False)
-            )
+            timer.call_at(now + forced_in, self._on_forced_due, request)
+
+    # Deadline callbacks (timer thread): the request names its workflow.
+
+    def _sections_due(self, request: KillRequest) -> None:
+        self._expire_sections(request.wf, request)
+
+    def _forced_due(self, request: KillRequest) -> None:
+        self._phase_forced(request.wf, request, escalated=False)
+
+    def _system_due(self, request: KillRequest) -> None:
+        self._phase_system(request.wf, request)
 
     # -- the ladder ---------------------------------------------------------------
 
@@ -753,7 +773,7 @@ class Terminator:
                 if request.grace_deadline is not None:
                     system_at = max(system_at, request.grace_deadline + self.phases.forced)
                 request.system_at = min(request.system_at, system_at)
-            self._timer.call_at(request.system_at, lambda: self._phase_system(wf, request))
+            self._timer.call_at(request.system_at, self._on_system_due, request)
             # Under the lock, so the trail never shows it after "workflow_finished".
             self._pipe.emit(
                 "phase_changed",

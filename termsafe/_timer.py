@@ -18,10 +18,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["DeadlineTimer"]
 
 log = logging.getLogger("termsafe")
+
+_NO_ARG: Any = object()  # call_at without an argument: the callback takes none
 
 
 class DeadlineTimer:
@@ -34,7 +37,7 @@ class DeadlineTimer:
         # Python calls, paid once per kill.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._heap: list[tuple[float, int, Callable[[], object]]] = []
+        self._heap: list[tuple[float, int, Callable[..., object], Any]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -62,12 +65,17 @@ class DeadlineTimer:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
-    def call_at(self, deadline: float, fn: Callable[[], object]) -> None:
-        """Run ``fn`` in the timer thread at ``deadline`` (``time.monotonic`` clock)."""
+    def call_at(self, deadline: float, fn: Callable[..., object], arg: Any = _NO_ARG) -> None:
+        """Run ``fn()`` (or ``fn(arg)``) in the timer thread at ``deadline`` (``time.monotonic``).
+
+        Passing ``arg`` rather than a closure saves the closure: a kill storm
+        schedules one deadline per kill, and each closure (function, cells) is
+        more for the garbage collector to walk while thousands are pending.
+        """
         with self._lock:
             if self._stopped:
                 return
-            entry = (deadline, next(self._seq), fn)
+            entry = (deadline, next(self._seq), fn, arg)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._start_locked()
@@ -104,12 +112,15 @@ class DeadlineTimer:
                     if self._heap:
                         wait = self._heap[0][0] - time.monotonic()
                         if wait <= 0:
-                            _, _, fn = heapq.heappop(self._heap)
+                            _, _, fn, arg = heapq.heappop(self._heap)
                             break
                         self._cond.wait(wait)
                     else:
                         self._cond.wait()
             try:
-                fn()
+                if arg is _NO_ARG:
+                    fn()
+                else:
+                    fn(arg)
             except Exception:
                 log.exception("termsafe timer callback %r failed", fn)
