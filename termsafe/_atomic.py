@@ -406,11 +406,38 @@ def _try_chown(fd: int | None, path: str, uid: int, gid: int) -> bool:
     return True
 
 
-def _remove_tree(path: str) -> None:
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
+def _ignore_gone(_func: object, _path: str, exc: object) -> None:
+    # rmtree's error callback: an entry that vanished meanwhile is what we want.
+    error = exc[1] if isinstance(exc, tuple) else exc  # onerror gets exc_info
+    if not isinstance(error, FileNotFoundError):
+        raise error  # type: ignore[misc]
+
+
+_RMTREE_ON_ERROR: Final = "onexc" if sys.version_info >= (3, 12) else "onerror"
+
+
+def _remove_tree(path: str, tries: int = 5) -> None:
+    """Remove ``path`` and all under it; entries that vanish meanwhile are fine.
+
+    A writer still adding to the tree (a workflow thread the terminator gave
+    up on) can make the final ``rmdir`` fail with ``ENOTEMPTY``: that is
+    retried, up to ``tries`` passes.
+
+    Raises:
+        OSError: the tree could not be removed.
+    """
+    for attempt in range(tries):
+        try:
+            shutil.rmtree(path, **{_RMTREE_ON_ERROR: _ignore_gone})  # type: ignore[arg-type]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY or attempt == tries - 1:
+                raise
+            continue
+        if not os.path.lexists(path):
+            return
+    raise OSError(errno.ENOTEMPTY, "still being written to", path)
 
 
 # -- what both share ----------------------------------------------------------------
@@ -897,6 +924,10 @@ class _AtomicDirectory(_AtomicOperation):
         self._old_at: str | None = None
         self._old_removed = True
         self._used = False
+        self._owner_thread = 0
+        # The staging folder the terminator removed on behalf of a thread it
+        # gave up on: the owner removes it again on its way out (see _abort).
+        self._left_to_owner: str | None = None
 
     def __repr__(self) -> str:
         return f"<atomic_directory {self.path!r} {self._state}>"
@@ -921,6 +952,7 @@ class _AtomicDirectory(_AtomicOperation):
         token = _token()
         prefix = f"{STAGE_PREFIX}{_short(name)}-{token}-"
         self._backup = os.path.join(folder, f"{BACKUP_PREFIX}{_short(name)}-{token}")
+        self._owner_thread = threading.get_ident()
         scope = self._scope = OperationScope("fs", f"atomic_directory {self.path}", self._store)
         self._entry = scope.journal(
             "temp_dir",
@@ -962,6 +994,26 @@ class _AtomicDirectory(_AtomicOperation):
                     "termsafe: could not remove staging folder %r; recovery will", staging
                 )
                 return
+        if threading.get_ident() != self._owner_thread:
+            # Run by the terminator for a thread it gave up on: that thread may
+            # still be writing into the staging folder (even recreate it). The
+            # journal entry stays; the owner removes the folder again and drops
+            # the entry when it comes back, or recovery does if it never does.
+            self._left_to_owner = self._staging_path
+            return
+        assert self._scope is not None
+        self._scope.unjournal(self._entry)
+
+    def _abort(self) -> None:
+        super()._abort()
+        staging, self._left_to_owner = self._left_to_owner, None
+        if staging is None:
+            return
+        try:
+            _remove_tree(staging)
+        except OSError:
+            log.exception("termsafe: could not remove staging folder %r; recovery will", staging)
+            return
         assert self._scope is not None
         self._scope.unjournal(self._entry)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TermFactory
+from conftest import WAIT, Jobs, TermFactory
 
 import termsafe
 from termsafe import (
@@ -1071,6 +1071,46 @@ def swap(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> boo
 
 
 class TestAtomicDirectory:
+    def test_writer_abandoned_then_back(
+        self, folder: Path, store: SQLiteStore, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A writer the terminator gave up on leaves nothing when it comes back and writes on.
+
+        The system phase removes the staging folder from another thread while
+        the workflow's own thread is stuck in the body; that thread then goes
+        on writing into the staging folder (recreating it). Its own exit must
+        remove it, and the journal entry must stay until it has.
+        """
+        term = make_term(phases=Phases(0.05, 0.05), store=store, hook_timeout=WAIT)
+        target = folder / "site"
+        write_version_zero("dir", str(target))
+        before = sorted(os.listdir(target))
+        ready, gate = threading.Event(), threading.Event()
+        entries_at_takeover: list[int] = []
+
+        def body() -> None:
+            with term.workflow("writer"), atomic_directory(target, store=store) as staging:
+                ready.set()
+                assert gate.wait(WAIT * 2)  # not a cancellation point: the thread is stuck
+                entries_at_takeover.append(len(per_write_entries(store)))
+                (staging / "late" / "deeper").mkdir(parents=True)
+                (staging / "late" / "deeper" / "file").write_text("late", encoding="utf-8")
+
+        job = jobs.start(body, name="stuck-writer")
+        assert ready.wait(WAIT)
+        handle = term.kill("writer", by=ADMIN, reason="hung")
+        try:
+            assert termsafe.WorkflowState.KILLED == handle.wait(WAIT)
+            # The terminator removed the staging folder, the owner is still out there.
+            assert [] == ours(folder)
+        finally:
+            gate.set()
+        job.result()  # its commit was refused (ForcedTermination), absorbed by the workflow
+        assert [1] == entries_at_takeover  # kept while the owner could still write
+        assert before == sorted(os.listdir(target))
+        assert [] == ours(folder)
+        assert [] == per_write_entries(store)
+
     def test_creates_a_new_directory(self, folder: Path, store: SQLiteStore, swap: bool) -> None:
         """A new directory appears whole, with mode 0o777 & ~umask."""
         target = folder / "site"
