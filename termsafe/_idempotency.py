@@ -453,6 +453,7 @@ class IdempotentCall:
         "_discarding",
         "_entered",
         "_exited",
+        "_in_body",
         "_key_spec",
         "_lock",
         "_renewal",
@@ -508,6 +509,7 @@ class IdempotentCall:
         self.sent = False
         self._state = _NEW
         self._entered = False
+        self._in_body = False  # __enter__ returned: the body (the side effect) may run
         self._exited = False
         self._lock = threading.Lock()
         self._scope: OperationScope | None = None
@@ -635,7 +637,13 @@ class IdempotentCall:
             self._refused(exc)
             self._leave(exc)
             raise
-        self._claimed(claim)
+        try:
+            self._claimed(claim)
+        except BaseException as exc:
+            self._claim_unused()
+            self._leave(exc)
+            raise
+        self._in_body = True
         return self
 
     async def __aenter__(self) -> IdempotentCall:
@@ -650,8 +658,27 @@ class IdempotentCall:
             self._refused(exc)
             await self._aleave(exc)
             raise
-        self._claimed(claim)
+        try:
+            self._claimed(claim)
+        except BaseException as exc:
+            self._claim_unused()
+            await self._aleave(exc)
+            raise
+        self._in_body = True
         return self
+
+    def _claim_unused(self) -> None:
+        """Entering failed after the claim (the workflow was taken over): the body never ran.
+
+        Nothing was sent, so the key is released as retryable (if the
+        rollback hook, run at once on registration, has not done so).
+        """
+        self._stop_renewal()
+        if self._state == _CLAIMED:
+            try:
+                self._abandon(unknown=False)
+            except Exception:
+                log.exception("termsafe: releasing the unused claim on %r failed", self.key)
 
     # -- body -------------------------------------------------------------------------
 
@@ -943,7 +970,8 @@ class IdempotentCall:
             if self._state != _CLAIMED:
                 return
             if unknown is None:
-                unknown = self.sent
+                # Run as the rollback hook: before the body started, nothing was sent.
+                unknown = self.sent and self._in_body
             self._stop_renewal()
             try:
                 with scope.committing():

@@ -35,7 +35,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import WAIT, Audit, Jobs, TermFactory
+from conftest import ADMIN, WAIT, Audit, Jobs, TermFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,6 +49,7 @@ from termsafe import (
     InvalidArgumentType,
     LeaseLost,
     OutcomeUnknown,
+    Phases,
     Principal,
     Terminator,
     WorkflowState,
@@ -1061,6 +1062,56 @@ class TestKilled:
 
 
 # -- workflows and kills ------------------------------------------------------------------
+
+
+class TestTakenOverDuringClaim:
+    def test_claim_released_as_retryable_and_section_closed(
+        self, make_term: TermFactory, tmp_path: Path, jobs: Jobs
+    ) -> None:
+        """A takeover that lands during the claim leaves the key retryable and no section open."""
+        claimed, taken_over = threading.Event(), threading.Event()
+
+        class SlowClaim(SQLiteStore):
+            def idem_claim(self, *args: Any, **kwargs: Any) -> Any:
+                claim = super().idem_claim(*args, **kwargs)
+                claimed.set()
+                assert taken_over.wait(WAIT)  # the system phase takes over meanwhile
+                return claim
+
+        store = SlowClaim(tmp_path / "store.sqlite3")
+        term = make_term(Phases(0.05, 0.05), section_grace={"api": 0.05})
+        body_ran: list[bool] = []
+        seen: list[termsafe.Workflow] = []
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            with term.workflow("payer") as wf:
+                seen.append(wf)
+                try:
+                    with idempotent_call("k-1", request={"n": 1}, store=store):
+                        body_ran.append(True)
+                except BaseException as exc:
+                    raised.append(exc)
+                    raise
+
+        job = jobs.start(run)
+        try:
+            assert claimed.wait(WAIT)
+            assert WorkflowState.KILLED == term.kill("payer", by=ADMIN).wait(WAIT)
+        finally:
+            taken_over.set()
+        job.result()
+        assert [] == body_ran
+        assert [termsafe.ForcedTermination] == [type(e) for e in raised]
+        assert [] == seen[0].sections
+        info = store.idem_info("k-1")
+        assert info is not None
+        assert "released" == info.status  # nothing was sent: retryable, not unknown
+        retry = make_term()
+        with retry.workflow("retry"), idempotent_call("k-1", request={"n": 1}, store=store) as c:
+            assert (False, True) == (c.replayed, c.retried)
+            c.record({"ok": True})
+        store.close()
 
 
 class TestWorkflow:
