@@ -1,4 +1,4 @@
-"""Kills at chosen points of a safe operation, shared by the transaction and git tests.
+"""Kills at chosen points of a safe operation, shared by the transaction, git and scope tests.
 
 Each helper runs workflow ``"w"`` in a test thread (``jobs``), kills it with
 ``ADMIN``'s authority where the test asks and returns what the test asserts
@@ -198,3 +198,37 @@ def kill_during_commit(
     error = job.error()
     assert term.flush(WAIT)
     return CommitKill(state, error, tx.committed)
+
+
+def in_taken_over_workflow(
+    term: ts.Terminator, jobs: Jobs, fn: Callable[[], object]
+) -> tuple[ts.Workflow, BaseException | None]:
+    """Run ``fn`` in a thread workflow once the system phase has taken it over and swept its hooks.
+
+    Returns:
+        The workflow and what ``fn`` raised (``None`` if it returned).
+    """
+    entered = threading.Event()
+    go = threading.Event()
+    seen: list[ts.Workflow] = []
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        with term.workflow("w") as wf:
+            seen.append(wf)
+            entered.set()
+            go.wait(WAIT)  # stuck: never reaches a cancellation point
+            try:
+                fn()
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+    job = jobs.start(body)
+    try:
+        assert entered.wait(WAIT)
+        assert ts.WorkflowState.KILLED == term.kill("w", by=ADMIN).wait(WAIT)
+    finally:
+        go.set()
+    job.result()
+    return seen[0], (raised[0] if raised else None)

@@ -11,12 +11,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from _kills import in_taken_over_workflow
 from conftest import WAIT, Audit, Jobs, TermFactory
 
 import termsafe as ts
@@ -289,7 +290,7 @@ class TestSpawnInWorkflow:
             assert child.stdout is not None
             assert "ready\n" == child.stdout.readline()
             # At once: not after stop_timeout, which a SIGTERM-proof child would take.
-            wf, error = _in_taken_over_workflow(
+            wf, error = in_taken_over_workflow(
                 term, jobs, lambda: track_process(child, stop_timeout=60.0)
             )
             assert isinstance(error, ts.ForcedTermination), error
@@ -315,43 +316,6 @@ IGNORES_SIGTERM = (
 )
 
 
-def _in_taken_over_workflow(
-    term: ts.Terminator, jobs: Jobs, fn: Callable[[], object]
-) -> tuple[ts.Workflow, BaseException | None]:
-    """Run ``fn`` in a thread workflow once the system phase has taken it over and swept its hooks.
-
-    Returns:
-        The workflow and what ``fn`` raised (``None`` if it returned).
-    """
-    entered = threading.Event()
-    go = threading.Event()
-    seen: list[ts.Workflow] = []
-    raised: list[BaseException] = []
-
-    def body() -> None:
-        with term.workflow("w") as wf:
-            seen.append(wf)
-            entered.set()
-            go.wait(WAIT)  # stuck: never reaches a cancellation point
-            try:
-                fn()
-            except BaseException as exc:
-                raised.append(exc)
-                raise
-
-    job = jobs.start(body)
-    try:
-        assert entered.wait(WAIT)
-        assert ts.WorkflowState.KILLED == term.kill("w", by=ADMIN).wait(WAIT)
-    finally:
-        go.set()
-    job.result()
-    return seen[0], (raised[0] if raised else None)
-
-
-# A workflow thread held inside spawn() (preexec_fn runs in the forked child
-# before its exec, while the thread waits in Popen) until the kill has run the
-# whole ladder and the terminator has swept the workflow's hooks.
 TAKEN_OVER = """
 import json, os, subprocess, sys, threading
 import termsafe as ts

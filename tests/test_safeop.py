@@ -3,51 +3,16 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from conftest import WAIT, Audit, Jobs, TermFactory
+from _kills import in_taken_over_workflow
+from conftest import Audit, Jobs, TermFactory
 
 import termsafe as ts
 from termsafe._safeop import OperationScope
 
-ADMIN = ts.Principal("root", roles=["admin"])
 #: A ladder that reaches the system phase at once.
 SHORT = ts.Phases(0.05, 0.05)
-
-
-def _in_taken_over_workflow(
-    term: ts.Terminator, jobs: Jobs, fn: Callable[[], object]
-) -> tuple[ts.Workflow, BaseException | None]:
-    """Run ``fn`` in a thread workflow once the system phase has taken it over and swept its hooks.
-
-    Returns:
-        The workflow and what ``fn`` raised (``None`` if it returned).
-    """
-    entered = threading.Event()
-    go = threading.Event()
-    seen: list[ts.Workflow] = []
-    raised: list[BaseException] = []
-
-    def body() -> None:
-        with term.workflow("w") as wf:
-            seen.append(wf)
-            entered.set()
-            go.wait(WAIT)  # stuck: never reaches a cancellation point
-            try:
-                fn()
-            except BaseException as exc:
-                raised.append(exc)
-                raise
-
-    job = jobs.start(body)
-    try:
-        assert entered.wait(WAIT)
-        assert ts.WorkflowState.KILLED == term.kill("w", by=ADMIN).wait(WAIT)
-    finally:
-        go.set()
-    job.result()
-    return seen[0], (raised[0] if raised else None)
 
 
 class TestRegisterAfterTakeover:
@@ -65,7 +30,7 @@ class TestRegisterAfterTakeover:
         def register() -> None:
             OperationScope("fs", "probe", store=False).on_rollback(undo)
 
-        wf, error = _in_taken_over_workflow(term, jobs, register)
+        wf, error = in_taken_over_workflow(term, jobs, register)
         assert isinstance(error, ts.ForcedTermination), error
         assert "w" == error.workflow_id
         assert ["test-job"] == undone
@@ -86,7 +51,7 @@ class TestRegisterAfterTakeover:
         def register() -> None:
             OperationScope("fs", "probe", store=False).on_cleanup(undo)
 
-        wf, error = _in_taken_over_workflow(term, jobs, register)
+        wf, error = in_taken_over_workflow(term, jobs, register)
         assert isinstance(error, ts.ForcedTermination), error
         assert 0 == wf.pending_hooks
         [failed] = Audit(term, sink).of("hook_failed", "w")
@@ -106,7 +71,7 @@ class TestRegisterAfterTakeover:
                 body_ran.append(True)
                 f.write("new")
 
-        wf, error = _in_taken_over_workflow(term, jobs, write)
+        wf, error = in_taken_over_workflow(term, jobs, write)
         assert isinstance(error, ts.ForcedTermination), error
         assert [] == body_ran
         assert ["report.txt"] == sorted(p.name for p in tmp_path.iterdir())
