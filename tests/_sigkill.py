@@ -257,3 +257,26 @@ class VersionJudge:
             return self.applied(before, state, spec["trial"])
 
         return judge
+
+
+#: Source of a real ``SQLiteStore`` subclass for scripts run in a child process:
+#: just before it journals the pid of a child the script started (one that
+#: ``wanted(payload)``, defined by the script, accepts), it reports the pid on
+#: stdout ("recording PID") and blocks reading stdin, which stays silent until
+#: the test SIGKILLs the process: what a SIGKILL between start and journal
+#: leaves. The script imports ``os`` and ``SQLiteStore`` first.
+PAUSED_BEFORE_THE_PID_STORE = """
+class PausedBeforeThePid(SQLiteStore):
+    def journal_add(self, kind, payload, workflow_id=None):
+        self._pause(kind, payload)
+        return super().journal_add(kind, payload, workflow_id)
+
+    def journal_update(self, entry_id, payload):
+        self._pause("child_process", payload)
+        super().journal_update(entry_id, payload)
+
+    def _pause(self, kind, payload):
+        if kind == "child_process" and "pid" in payload and wanted(payload):
+            os.write(1, b"recording %d\\n" % payload["pid"])
+            os.read(0, 1)
+"""

@@ -23,7 +23,16 @@ from typing import Any
 import psutil
 import pytest
 from _kills import event_types, kill_before, kill_in
-from _sigkill import Report, Spec, fork_child, read_to_end, run_trials, serve_trials, trial_workflow
+from _sigkill import (
+    PAUSED_BEFORE_THE_PID_STORE,
+    Report,
+    Spec,
+    fork_child,
+    read_to_end,
+    run_trials,
+    serve_trials,
+    trial_workflow,
+)
 from conftest import ADMIN, WAIT
 
 import termsafe as ts
@@ -565,32 +574,25 @@ def _crash(repo: Path, store_path: str = "") -> dict[str, Any]:
 # started ("commit"): what a SIGKILL at that moment leaves. Its store is a real
 # SQLiteStore that, before that one write, reports the pid and blocks reading
 # stdin (which stays silent) until the test kills it.
-PAUSED_BEFORE_THE_PID = """
+PAUSED_BEFORE_THE_PID = (
+    """
 import os, sys
 from pathlib import Path
 from termsafe import git_operation
 from termsafe._store import SQLiteStore
 
-class PausedBeforeThePid(SQLiteStore):
-    def journal_add(self, kind, payload, workflow_id=None):
-        self._pause(kind, payload)
-        return super().journal_add(kind, payload, workflow_id)
-
-    def journal_update(self, entry_id, payload):
-        self._pause("child_process", payload)
-        super().journal_update(entry_id, payload)
-
-    def _pause(self, kind, payload):
-        if kind == "child_process" and "pid" in payload and "commit" in payload["argv"]:
-            os.write(1, b"recording %d\\n" % payload["pid"])
-            os.read(0, 1)
-
+def wanted(payload):
+    return "commit" in payload["argv"]
+"""
+    + PAUSED_BEFORE_THE_PID_STORE
+    + """
 repo, store_path, git, fifo = sys.argv[1:5]
 store = PausedBeforeThePid(store_path)
 with git_operation(repo, store=store, git=git, env={"TERMSAFE_TEST_FIFO": fifo}) as op:
     Path(repo, "a.txt").write_text("a\\n")
     op.commit("add a", ["a.txt"])
 """
+)
 
 
 def _read_line(fd: int, timeout: float = WAIT) -> str:

@@ -25,6 +25,7 @@ from typing import IO
 import filelock
 import psutil
 import pytest
+from _sigkill import PAUSED_BEFORE_THE_PID_STORE
 
 import termsafe as ts
 from termsafe._atomic import TEMP_PREFIX
@@ -448,29 +449,22 @@ class TestKill:
 # what a SIGKILL at that moment leaves. Its store is a real SQLiteStore that,
 # before that one write, reports the pid and blocks reading stdin (which stays
 # silent) until the test kills it. The command reports its pid and waits.
-PAUSED_BEFORE_THE_PID = """
+PAUSED_BEFORE_THE_PID = (
+    """
 import os, sys
 from termsafe._store import SQLiteStore
 from termsafe._supervisor import Supervisor
 
-class PausedBeforeThePid(SQLiteStore):
-    def journal_add(self, kind, payload, workflow_id=None):
-        self._pause(kind, payload)
-        return super().journal_add(kind, payload, workflow_id)
-
-    def journal_update(self, entry_id, payload):
-        self._pause("child_process", payload)
-        super().journal_update(entry_id, payload)
-
-    def _pause(self, kind, payload):
-        if kind == "child_process" and "pid" in payload:
-            os.write(1, b"recording %d\\n" % payload["pid"])
-            os.read(0, 1)
-
+def wanted(payload):
+    return True
+"""
+    + PAUSED_BEFORE_THE_PID_STORE
+    + """
 command = "import os, signal; os.write(1, b'ready %d\\\\n' % os.getpid()); signal.pause()"
 store = PausedBeforeThePid(sys.argv[1])
 Supervisor([sys.executable, "-c", command], store=store, control=False).run()
 """
+)
 
 
 class TestSupervisorDies:
