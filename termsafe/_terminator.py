@@ -592,9 +592,17 @@ class Terminator:
                 count += 1
         return count
 
-    def _start_kill(
-        self, wf: Workflow, by: Principal, reason: str, force: bool, cascade: bool = True
-    ) -> KillHandle:
+    def _start_kill(self, wf: Workflow, by: Principal, reason: str, force: bool) -> KillHandle:
+        """Kill ``wf`` and, if this is its first kill, the workflows started inside it."""
+        handle, fresh = self._kill_one(wf, by, reason, force)
+        if fresh and wf._children is not None:
+            self._kill_children(wf, by, reason, force)
+        return handle
+
+    def _kill_one(
+        self, wf: Workflow, by: Principal, reason: str, force: bool
+    ) -> tuple[KillHandle, bool]:
+        """Kill ``wf`` alone; return its handle and whether this was its first kill."""
         now = time.monotonic()
         escalate = False
         sections: Sequence[tuple[str, float]] = ()
@@ -644,14 +652,12 @@ class Terminator:
             )
             if escalate:
                 self._phase_forced(wf, request, escalated=True)
-            return request.handle
+            return request.handle, False
         self._recorder.kill_requested(True)
         if wf._loop_call is not None:
             wf.cancel_scope_soon()
         self._schedule(wf, request, now, sections, deadlines)
-        if cascade and wf._children is not None:
-            self._kill_children(wf, by, reason, force)
-        return request.handle
+        return request.handle, True
 
     def _kill_children(self, wf: Workflow, by: Principal, reason: str, force: bool) -> None:
         # A loop, not recursion: a chain of nested workflows may be deeper than
@@ -661,8 +667,12 @@ class Terminator:
             parent, why = todo.pop()
             for child in parent.children():
                 child_why = f"parent workflow {parent.id!r} killed: {why}"
-                self._start_kill(child, by, child_why, force, cascade=False)
-                if child._children is not None:
+                try:
+                    _, fresh = self._kill_one(child, by, child_why, force)
+                except KillRefused:
+                    continue  # it finished meanwhile: nothing left to kill
+                if fresh and child._children is not None:
+                    # A child killed before was cascaded then, not again now.
                     todo.append((child, child_why))
 
     def _emit_fresh_kill(

@@ -244,6 +244,25 @@ class TestChildWorkflows:
         assert {S.TERMINATED} == {wf.state for wf in chain}
         assert depth == len(audit.of("kill_requested"))
 
+    def test_a_child_killed_before_is_not_cascaded_again(
+        self, term: Terminator, audit: Audit
+    ) -> None:
+        """Killing the parent of a child already killed does not kill the grandchild twice."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(term.workflow("p"))
+            stack.enter_context(term.workflow("c"))
+            stack.enter_context(term.workflow("g"))
+            term.kill("c", by=ADMIN, reason="first")
+            term.kill("p", by=ADMIN, reason="second")
+            termsafe.checkpoint()  # raises Terminated: the stack unwinds every level
+        assert term.flush(WAIT)
+        assert [{"force": False, "already": "graceful", "escalated": False}] == [
+            dict(e.details) for e in audit.of("kill_requested", "c") if "already" in e.details
+        ]
+        [g_kill] = audit.of("kill_requested", "g")
+        assert "parent workflow 'c' killed: first" == g_kill.reason
+        assert {S.TERMINATED} == {term.get(w).state for w in ("p", "c", "g")}
+
     def test_child_kill_leaves_parent(self, term: Terminator) -> None:
         """Killing a child ends only the child; the parent goes on."""
         with term.workflow("p3") as parent:
