@@ -530,20 +530,12 @@ class Site:
             if not identity_alive(e.owner)
         ]
         if cli:
-            out = subprocess.run(
-                [sys.executable, "-m", "termsafe", "recover", "--json", "--kill-timeout", "0.5"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-                env=self.env,
-            )
-            try:
-                report: JSON = json.loads(out.stdout)
-            except ValueError:
-                return {}, [f"termsafe recover printed no report ({out.returncode}): {out.stderr}"]
-            if out.returncode != (0 if report["clean"] else 1):
-                problems.append(f"termsafe recover exited {out.returncode}: {out.stderr}")
+            code, printed, err = recover_cli(self)
+            if printed is None:
+                return {}, [f"termsafe recover printed no report ({code}): {err}"]
+            report: JSON = printed
+            if code != (0 if report["clean"] else 1):
+                problems.append(f"termsafe recover exited {code}: {err}")
         else:
             sink = ts.JsonlSink(self.trail, fsync="batch")
             try:
@@ -914,3 +906,20 @@ def retry(store: SQLiteStore, port: int, key: str, mode: str) -> JSON:
     finally:
         term.close()
     return outcome
+
+
+def recover_cli(site: Site) -> tuple[int, JSON | None, str]:
+    """Run ``termsafe recover --json`` against ``site``; its exit code, report (if any), stderr."""
+    out = subprocess.run(
+        [sys.executable, "-m", "termsafe", "recover", "--json", "--kill-timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=site.env,
+    )
+    try:
+        report: JSON = json.loads(out.stdout)
+    except ValueError:
+        return out.returncode, None, out.stderr
+    return out.returncode, report, out.stderr

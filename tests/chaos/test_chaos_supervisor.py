@@ -16,7 +16,6 @@ recover with nothing left to do.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,6 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import filelock
 import pytest
@@ -33,7 +31,7 @@ import test_atomic
 import test_supervisor
 
 import termsafe as ts
-from chaos._harness import ChaosRun, Site, running
+from chaos._harness import ChaosRun, Site, recover_cli, running
 
 #: Trials per ``--chaos-runs`` (each starts three Python processes and runs ``recover``).
 TRIALS = 8
@@ -80,22 +78,6 @@ def site() -> Iterator[Site]:
     yield sandbox
     sandbox.close()
     shutil.rmtree(path, ignore_errors=True)
-
-
-def recover_cli(site: Site) -> tuple[int, dict[str, Any], str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "termsafe", "recover", "--json", "--kill-timeout", "0.5"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=site.env,
-    )
-    try:
-        report: dict[str, Any] = json.loads(out.stdout)
-    except ValueError:
-        report = {}
-    return out.returncode, report, out.stderr
 
 
 class TestSupervisorCrash:
@@ -166,7 +148,8 @@ class TestSupervisorCrash:
     ) -> list[str]:
         """What ``termsafe recover`` must leave after the supervisor died (or finished)."""
         problems = []
-        code, report, err = recover_cli(site)
+        code, printed, err = recover_cli(site)
+        report = printed or {}
         if code != 0 or not report.get("clean"):
             problems.append(f"termsafe recover exited {code}: {report or err}")
         runs = {r.run_id: r for r in site.store.runs() if r.workflow_id == wid}
