@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import TermFactory
@@ -21,6 +21,27 @@ def term() -> Iterator[ts.Terminator]:
     t = ts.Terminator(phases=ts.Phases(0.05, 0.05), sink=ts.MemorySink(), hook_timeout=2)
     yield t
     t.close()
+
+
+def _kill_a_sleeper(
+    term: ts.Terminator, wid: str, setup: Callable[[], object] = lambda: None
+) -> None:
+    """Run workflow ``wid`` in a thread sleeping in a loop, kill it, and wait until it ended."""
+    entered = threading.Event()
+
+    def body() -> None:
+        with term.workflow(wid):
+            setup()
+            entered.set()
+            while True:
+                ts.sleep(0.01)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    assert entered.wait(10)
+    assert ts.WorkflowState.TERMINATED == term.kill(wid, by=ADMIN).wait(10)
+    thread.join(10)
+    assert not thread.is_alive()
 
 
 def _events(term: ts.Terminator, type_: str) -> list[ts.AuditEvent]:
@@ -138,20 +159,7 @@ class TestTerminatorAlerts:
         # Slow phases: with the fixture's 0.1 s ladder, a loaded machine can
         # leave the woken thread unscheduled until the system phase kills it.
         with ts.Terminator(phases=ts.Phases(30, 30), sink=ts.MemorySink()) as term:
-            entered = threading.Event()
-
-            def body() -> None:
-                with term.workflow("coop"):
-                    entered.set()
-                    while True:
-                        ts.sleep(0.01)
-
-            thread = threading.Thread(target=body)
-            thread.start()
-            assert entered.wait(10)
-            assert ts.WorkflowState.TERMINATED == term.kill("coop", by=ADMIN).wait(10)
-            thread.join(10)
-            assert not thread.is_alive()
+            _kill_a_sleeper(term, "coop")
             snap = term.metrics()
             assert (1, 0, 1.0) == (snap.kills_succeeded, snap.kills_failed, snap.success_rate)
             assert snap.kill_latency_p50 is not None
@@ -180,20 +188,7 @@ class TestTerminatorAlerts:
         seen: list[Alert] = []
         with ts.Terminator(phases=ts.Phases(30, 30), sink=BrokenSink()) as term:
             term.add_alert_listener(seen.append)
-            entered = threading.Event()
-
-            def body() -> None:
-                with term.workflow("w"):
-                    entered.set()
-                    while True:
-                        ts.sleep(0.01)
-
-            thread = threading.Thread(target=body)
-            thread.start()
-            assert entered.wait(10)
-            assert ts.WorkflowState.TERMINATED == term.kill("w", by=ADMIN).wait(10)
-            thread.join(10)
-            assert not thread.is_alive()
+            _kill_a_sleeper(term, "w")
             assert term.flush(10)  # also waits for the alert the failures raised
             snap = term.metrics()
             assert snap.events_dropped >= 3
@@ -222,21 +217,7 @@ class TestRaisingMetricsHook:
 
         term = make_term(phases=ts.Phases(5, 5), metrics_hook=Broken())
         for wid in ("a", "b"):
-            entered = threading.Event()
-
-            def body(wid: str = wid, entered: threading.Event = entered) -> None:
-                with term.workflow(wid):
-                    ts.on_cleanup(lambda: None)
-                    entered.set()
-                    while True:
-                        ts.sleep(0.01)
-
-            thread = threading.Thread(target=body)
-            thread.start()
-            assert entered.wait(10)
-            assert ts.WorkflowState.TERMINATED == term.kill(wid, by=ADMIN).wait(10)
-            thread.join(10)
-            assert not thread.is_alive()
+            _kill_a_sleeper(term, wid, setup=lambda: ts.on_cleanup(lambda: None))
         snap = term.metrics()
         assert (2, 2) == (snap.kills_requested, snap.kills_succeeded)
         logged = [r for r in caplog.records if "metrics hook" in r.getMessage()]
