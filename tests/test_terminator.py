@@ -137,6 +137,13 @@ class TestConstruction:
         assert set() == set(threading.enumerate()) - before
         term.close()
 
+    def test_deadline_thread_starts_with_the_first_workflow(self) -> None:
+        """The first workflow starts the deadline thread, so the first kill() never waits for it."""
+        with Terminator(sink=MemorySink()) as term:
+            assert not term._timer.running
+            with term.workflow("first"):
+                assert term._timer.running
+
 
 class TestKill:
     def test_returns_at_once(self, term: Terminator, jobs: Jobs) -> None:
@@ -867,6 +874,24 @@ TestTerminatorMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class TestBatchedDelivery:
+    def test_flush_cuts_a_linger_short(
+        self, make_term: TermFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """flush() wakes a dispatcher that lingers for more events instead of waiting it out."""
+        monkeypatch.setattr(termsafe._events, "LINGER", 60.0)
+        term = make_term()
+        sink = term.sink
+        assert isinstance(sink, termsafe.MemorySink)
+        with term.workflow("first"):
+            pass
+        assert term.flush(WAIT)  # delivered; the dispatcher now lingers for 60 s
+        with term.workflow("second"):
+            pass
+        assert term.flush(WAIT)
+        assert 2 == len([e for e in sink.events if e.type == "workflow_finished"])
 
 
 class TestFlushFromListener:
