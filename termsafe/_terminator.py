@@ -26,11 +26,13 @@ an abandoned workflow to a worker thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -85,6 +87,45 @@ REQUEST_POLICY_PRINCIPAL: Final = Principal("termination-request-policy", kind="
 RequestVerdict = str  # "approve" | "deny" | "escalate"
 RequestPolicy = Callable[[Workflow, str], RequestVerdict]
 REQUEST_VERDICTS: Final = ("approve", "deny", "escalate")
+
+#: The interpreter's switch interval (seconds) while ``kill_all`` or
+#: ``terminate_all`` runs, if it was shorter: see ``_storm``.
+STORM_SWITCH_INTERVAL: Final = 0.05
+
+_storm_lock = threading.RLock()
+_storm_depth = 0
+_storm_saved = 0.0
+_storm_set = 0.0
+
+
+@contextlib.contextmanager
+def _storm() -> Iterator[None]:
+    """Space out forced thread switches while one thread kills many workflows.
+
+    With many busy workflow threads waiting for the GIL, the thread that kills
+    them is made to drop it every switch interval (5 ms by default) and then
+    waits behind all of them before it runs again: a storm of 10 ms of work
+    took hundreds of milliseconds, while the threads it had not reached yet
+    kept running. Raising the interval for the storm's duration lets it run
+    through; other threads still run whenever it blocks. Concurrent storms
+    share one saved value; the last to end restores it, unless someone else
+    changed the interval meanwhile.
+    """
+    global _storm_depth, _storm_saved, _storm_set
+    with _storm_lock:
+        if _storm_depth == 0:
+            _storm_saved = sys.getswitchinterval()
+            if _storm_saved < STORM_SWITCH_INTERVAL:
+                sys.setswitchinterval(STORM_SWITCH_INTERVAL)
+            _storm_set = sys.getswitchinterval()
+        _storm_depth += 1
+    try:
+        yield
+    finally:
+        with _storm_lock:
+            _storm_depth -= 1
+            if _storm_depth == 0 and sys.getswitchinterval() == _storm_set:
+                sys.setswitchinterval(_storm_saved)
 
 
 @attrs.frozen
@@ -519,6 +560,12 @@ class Terminator:
             raise InvalidArgumentType(f"force must be a bool (got {force!r})")
         if not isinstance(workflow_id, str):
             raise InvalidArgumentType(f"workflow id must be a str (got {workflow_id!r})")
+        return self._kill_checked(workflow_id, by, reason, force)
+
+    def _kill_checked(
+        self, workflow_id: str, by: Principal, reason: str, force: bool
+    ) -> KillHandle:
+        """``kill()`` after its type checks."""
         if self._closed:
             raise TerminatorClosed(f"cannot kill {workflow_id!r}: this terminator is closed")
         decision = self.can_kill(workflow_id, by)
@@ -548,35 +595,73 @@ class Terminator:
         """Kill every live workflow ``by`` may kill; return their handles.
 
         Workflows ``by`` may not kill are refused (and audited), not raised.
+        While it runs, the interpreter's switch interval is raised to
+        ``STORM_SWITCH_INTERVAL`` (and restored after): the workflow threads
+        it is stopping would otherwise preempt it again and again.
 
         Raises:
             InvalidArgumentType: as for ``kill()``.
+            TerminatorClosed: the terminator is closed.
         """
-        handles = []
-        for wf in self.workflows():
+        if not isinstance(by, Principal):
+            raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
+        if not isinstance(reason, str):
+            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+        if not isinstance(force, bool):
+            raise InvalidArgumentType(f"force must be a bool (got {force!r})")
+        if self._closed:
+            raise TerminatorClosed("cannot kill: this terminator is closed")
+
+        def kill(wf: Workflow) -> KillHandle | None:
             try:
-                handles.append(self.kill(wf.id, by=by, reason=reason, force=force))
+                return self._kill_checked(wf.id, by, reason, force)
             except KillRefused:
-                continue
-        return handles
+                return None
+
+        return self._kill_many(self.workflows(), kill)
+
+    def _kill_many(
+        self, targets: list[Workflow], kill: Callable[[Workflow], KillHandle | None]
+    ) -> list[KillHandle]:
+        """Call ``kill(wf)`` for each target as one storm; return the handles in order.
+
+        A workflow whose lock is held (by its own thread, which may be waiting
+        for the GIL this storm holds) is left until the rest are killed: a
+        storm that blocked on it would let every other thread run first.
+        """
+        handles: list[KillHandle | None] = []
+        busy: list[tuple[int, Workflow]] = []
+        with _storm():
+            for wf in targets:
+                if wf.lock.locked():
+                    busy.append((len(handles), wf))
+                    handles.append(None)
+                    continue
+                handles.append(kill(wf))
+            for index, wf in busy:
+                handles[index] = kill(wf)
+        return [h for h in handles if h is not None]
 
     def terminate_all(self, reason: str, *, force: bool = False) -> list[KillHandle]:
         """Kill every live workflow as the process itself (no permission check).
 
         For the host shutting down: signal handlers and supervisors call this.
         Only code that owns the process should; it is not reachable from a
-        principal's request.
+        principal's request. Like ``kill_all``, it raises the interpreter's
+        switch interval while it runs.
 
         Raises:
             InvalidArgumentType: ``reason`` is not a string.
         """
         if not isinstance(reason, str):
             raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
-        return [
-            self._start_kill(wf, PROCESS_PRINCIPAL, reason, force)
-            for wf in self.workflows()
-            if wf.parent is None or wf.parent.kill is None
-        ]
+
+        def kill(wf: Workflow) -> KillHandle | None:
+            if wf.parent is not None and wf.parent.kill is not None:
+                return None  # killed with its parent
+            return self._start_kill(wf, PROCESS_PRINCIPAL, reason, force)
+
+        return self._kill_many(self.workflows(), kill)
 
     def escalate(self) -> int:
         """Move every kill still in its graceful phase to the forced phase now.

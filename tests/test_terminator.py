@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from termsafe import (
     WorkflowState,
     critical_section,
 )
+from termsafe._terminator import STORM_SWITCH_INTERVAL
 
 S = WorkflowState
 ADMIN = Principal("root", roles=("admin",))
@@ -1062,3 +1065,134 @@ class TestCloseWaitsForTakenOverHooks:
             stuck.set()
             thread.join(WAIT)
         assert not thread.is_alive()
+
+
+@contextlib.contextmanager
+def switch_interval(seconds: float) -> Any:
+    """Set the interpreter's switch interval for the block; restore it after."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved)
+
+
+class TestKillStorm:
+    """``kill_all`` and ``terminate_all`` run as one storm (see ``_terminator._storm``)."""
+
+    def test_interval_raised_while_killing_then_restored(self, term: Terminator) -> None:
+        """kill_all holds the storm interval while it kills and restores the old one after."""
+        seen: list[float] = []
+
+        def policy(wf: Workflow, p: Principal) -> bool:
+            seen.append(sys.getswitchinterval())
+            return True
+
+        term.register_policy("reaper", policy)
+        with switch_interval(0.004), term.workflow("w1") as w1:
+            handles = term.kill_all(by=Principal("reaper", kind="system"))
+            assert 0.004 == pytest.approx(sys.getswitchinterval(), abs=1e-5)
+            termsafe.checkpoint()
+        assert [w1.id] == [h.workflow_id for h in handles]
+        assert [STORM_SWITCH_INTERVAL] == pytest.approx(seen, abs=1e-5)
+        assert S.TERMINATED == w1.state
+
+    def test_terminate_all_too(self, term: Terminator) -> None:
+        """terminate_all raises the interval the same way (seen from a forced action)."""
+        seen: list[float] = []
+        term.add_forced_action(lambda wf: seen.append(sys.getswitchinterval()))
+        with switch_interval(0.004), term.workflow("w2") as w2:
+            term.terminate_all("host stopping", force=True)
+            assert 0.004 == pytest.approx(sys.getswitchinterval(), abs=1e-5)
+            termsafe.checkpoint()
+        assert [STORM_SWITCH_INTERVAL] == pytest.approx(seen, abs=1e-5)
+        assert S.TERMINATED == w2.state
+
+    def test_longer_interval_kept(self, term: Terminator) -> None:
+        """An interval already longer than the storm's is not shortened."""
+        seen: list[float] = []
+        term.add_forced_action(lambda wf: seen.append(sys.getswitchinterval()))
+        with switch_interval(0.2), term.workflow("w3"):
+            term.terminate_all("host stopping", force=True)
+            assert 0.2 == pytest.approx(sys.getswitchinterval(), abs=1e-5)
+        assert [0.2] == pytest.approx(seen, abs=1e-5)
+
+    def test_changed_meanwhile_is_left_alone(self, term: Terminator) -> None:
+        """If someone set the interval during the storm, the storm does not undo it."""
+
+        def policy(wf: Workflow, p: Principal) -> bool:
+            sys.setswitchinterval(0.123)
+            return True
+
+        term.register_policy("tuner", policy)
+        with switch_interval(0.004), term.workflow("w4"):
+            term.kill_all(by=Principal("tuner", kind="system"))
+            assert 0.123 == pytest.approx(sys.getswitchinterval(), abs=1e-5)
+
+    def test_nested_storms_restore_once(self, make_term: TermFactory) -> None:
+        """A storm inside a storm leaves the interval raised until the outer one ends."""
+        outer, inner = make_term(), make_term()
+        after_inner: list[float] = []
+
+        def policy(wf: Workflow, p: Principal) -> bool:
+            inner.terminate_all("nested")
+            after_inner.append(sys.getswitchinterval())
+            return True
+
+        outer.register_policy("nester", policy)
+        with switch_interval(0.004), outer.workflow("o"), inner.workflow("i") as i:
+            outer.kill_all(by=Principal("nester", kind="system"))
+            assert 0.004 == pytest.approx(sys.getswitchinterval(), abs=1e-5)
+            assert i.kill_pending
+        assert [STORM_SWITCH_INTERVAL] == pytest.approx(after_inner, abs=1e-5)
+
+    def test_workflow_with_busy_lock_is_killed_last(self, term: Terminator, audit: Audit) -> None:
+        """A workflow whose lock is held is killed after the rest, not waited for first.
+
+        "held" is registered first, so a storm that blocked on its lock would
+        reach "free" only once the lock is released; the holder releases it
+        only after "free" was killed (or after a deadline, so a regression
+        fails instead of hanging).
+        """
+        ctx_held, ctx_free = contextvars.Context(), contextvars.Context()
+        held_cm, free_cm = term.workflow("held"), term.workflow("free")
+        held = ctx_held.run(held_cm.__enter__)
+        free = ctx_free.run(free_cm.__enter__)
+        locked, free_killed = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def holder() -> None:
+            with held.lock:
+                locked.set()
+                free_killed.wait(WAIT)
+                order.append("released" if free.kill is not None else "gave up")
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        try:
+            assert locked.wait(WAIT)
+            real_kill_one = term._kill_one
+
+            def spy(wf: Workflow, *args: Any) -> Any:
+                result = real_kill_one(wf, *args)
+                order.append(wf.id)
+                if wf is free:
+                    free_killed.set()
+                return result
+
+            term._kill_one = spy  # type: ignore[method-assign]
+            handles = term.kill_all(by=ADMIN, reason="storm")
+        finally:
+            free_killed.set()
+            thread.join(WAIT)
+        assert ["free", "released", "held"] == order
+        assert ["held", "free"] == [h.workflow_id for h in handles]
+        for ctx, cm in ((ctx_held, held_cm), (ctx_free, free_cm)):
+            exc = termsafe.Terminated("x", "storm")
+            with contextlib.suppress(termsafe.Terminated):
+                ctx.run(cm.__exit__, type(exc), exc, None)
+        assert (S.TERMINATED, S.TERMINATED) == (held.state, free.state)
+        assert ["held", "free"] == sorted(
+            (e.workflow_id for e in audit.of("kill_requested")), key=["held", "free"].index
+        )
