@@ -29,6 +29,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import os
 import sys
 import threading
 import time
@@ -126,6 +127,19 @@ def _storm() -> Iterator[None]:
             _storm_depth -= 1
             if _storm_depth == 0 and sys.getswitchinterval() == _storm_set:
                 sys.setswitchinterval(_storm_saved)
+
+
+def _storm_after_fork() -> None:
+    """A child forked during a storm starts with none (the storm stays the parent's)."""
+    global _storm_lock, _storm_depth
+    if _storm_depth and sys.getswitchinterval() == _storm_set:
+        sys.setswitchinterval(_storm_saved)
+    _storm_depth = 0
+    _storm_lock = threading.RLock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_storm_after_fork)
 
 
 @attrs.frozen
