@@ -263,6 +263,27 @@ class TestChildWorkflows:
         assert "parent workflow 'c' killed: first" == g_kill.reason
         assert {S.TERMINATED} == {term.get(w).state for w in ("p", "c", "g")}
 
+    def test_a_child_that_finished_meanwhile_is_skipped(
+        self, term: Terminator, audit: Audit, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A child that finished after the cascade listed it is skipped, not a failed kill."""
+        with term.workflow("p4") as parent:
+            with term.workflow("c4") as child:
+                pass
+            # The cascade's list of children taken just before the child ended.
+            listed = Workflow.children
+            monkeypatch.setattr(
+                Workflow, "children", lambda wf: [child] if wf is parent else listed(wf)
+            )
+            handle = term.kill("p4", by=ADMIN, reason="abort")
+            monkeypatch.undo()
+            termsafe.checkpoint()
+        assert S.TERMINATED == handle.wait(WAIT)
+        assert S.COMPLETED == child.state
+        assert [] == audit.of("kill_requested", "c4")
+        [refused] = audit.of("kill_refused", "c4")
+        assert "Cannot kill finished workflow" == refused.details["decision"]
+
     def test_child_kill_leaves_parent(self, term: Terminator) -> None:
         """Killing a child ends only the child; the parent goes on."""
         with term.workflow("p3") as parent:
