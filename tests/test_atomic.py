@@ -10,9 +10,11 @@ it and judges the target with tools nobody here wrote (byte comparison,
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
 import pickle
@@ -48,6 +50,7 @@ from termsafe import (
     Principal,
     Terminated,
     Terminator,
+    _atomic,
     _store,
     atomic_directory,
     atomic_file,
@@ -1275,3 +1278,81 @@ class TestKilledWriters:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         worker(json.loads(sys.argv[2]))
+
+
+class TestRemoveTree:
+    """``_remove_tree`` against a writer still at work in the tree it removes.
+
+    The writer acts at a precise point: inside ``os.unlink``, as ``rmtree``
+    removes an entry (after it listed the folder, before its ``rmdir``).
+    """
+
+    def _tree(self, root: Path) -> Path:
+        tree = root / "staging"
+        (tree / "sub").mkdir(parents=True)
+        for name in ("a", "b", "sub/c"):
+            (tree / name).write_text(name)
+        return tree
+
+    def _on_unlink(self, monkeypatch: pytest.MonkeyPatch, act: Callable[[int], None]) -> list[int]:
+        """Call ``act(n)`` before the n-th ``os.unlink`` (from 0); return the count list."""
+        real = os.unlink
+        calls: list[int] = []
+
+        def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+            act(len(calls))
+            calls.append(1)
+            real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        return calls
+
+    def test_entry_added_meanwhile_is_removed_on_a_second_pass(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file written into the tree while it is removed makes rmdir fail once; retried."""
+        tree = self._tree(tmp_path)
+
+        def write_once(n: int) -> None:
+            if n == 0:
+                (tree / "late").write_text("written during the removal")
+
+        calls = self._on_unlink(monkeypatch, write_once)
+        _atomic._remove_tree(str(tree))
+        monkeypatch.undo()
+        assert not tree.exists()
+        assert len(calls) > 3  # a second pass removed "late"
+
+    def test_entry_vanishing_meanwhile_is_fine(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An entry someone else removes before rmtree reaches it is no error."""
+        tree = self._tree(tmp_path)
+
+        def remove_the_rest(n: int) -> None:
+            if n == 0:
+                for name in ("a", "b"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(tree / name)
+
+        self._on_unlink(monkeypatch, remove_the_rest)
+        _atomic._remove_tree(str(tree))
+        monkeypatch.undo()
+        assert not tree.exists()
+
+    def test_writer_that_never_stops_gives_a_clear_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A tree refilled on every pass raises ENOTEMPTY naming the tree, after `tries` passes."""
+        tree = self._tree(tmp_path)
+        counter = itertools.count()
+
+        def write_always(n: int) -> None:
+            (tree / f"late-{next(counter)}").write_text("again")
+
+        self._on_unlink(monkeypatch, write_always)
+        with pytest.raises(OSError, match="staging") as info:
+            _atomic._remove_tree(str(tree), tries=3)
+        monkeypatch.undo()
+        assert errno.ENOTEMPTY == info.value.errno
+        assert tree.exists()
