@@ -465,6 +465,7 @@ class IdempotentCall:
         "_state",
         "_store",
         "_store_arg",
+        "_workflow",
         "dedupes",
         "epoch",
         "explicit_send",
@@ -514,6 +515,7 @@ class IdempotentCall:
         self._lock = threading.Lock()
         self._scope: OperationScope | None = None
         self._section: CriticalSection | None = None
+        self._workflow: Workflow | None = None  # as _begin found it
         self._renewal: _Lease | None = None
         self._comps: list[_Compensator] = []
         self._discarding = False
@@ -562,6 +564,7 @@ class IdempotentCall:
         if store is None:
             raise ConfigurationError(f"idempotent call {self.key!r} needs a store (got None)")
         self._store = store
+        self._workflow = wf
         return wf
 
     def _new_scope(self) -> OperationScope:
@@ -571,8 +574,11 @@ class IdempotentCall:
         """
         scope = self._scope
         if scope is None:
-            scope = self._scope = OperationScope("api", f"idempotent_call {self.key}", self._store)
-            scope.hold_section(self._section)
+            scope = self._scope = OperationScope(
+                "api", f"idempotent_call {self.key}", self._store, workflow=self._workflow
+            )
+            if self._section is not None:
+                scope.hold_section(self._section)
         return scope
 
     def _claim(self) -> Claim:
@@ -617,10 +623,9 @@ class IdempotentCall:
             term = wf.terminator
         else:
             term = get_terminator()
-        renewal = self._renewal = _Lease(
-            store, self.key, claim.epoch, self.lease, _keeper_for(term._timer)
-        )
-        renewal.schedule(self.lease / 3)
+        keeper = _keeper_for(term._timer)
+        renewal = self._renewal = _Lease(store, self.key, claim.epoch, self.lease, keeper)
+        keeper.arm(renewal, self.lease / 3)
         if claim.retried:
             # A takeover is news; a first claim is told by how it ends
             # (recorded, released or lease lost): one event per claim.
@@ -757,25 +762,38 @@ class IdempotentCall:
             LeaseLost: another run took the key over; nothing was recorded.
             ConfigurationError: called outside the call's ``with`` block.
         """
-        self._check("record")
+        if self._state != _CLAIMED or self._exited:
+            self._check("record")  # raises the error that fits, before encoding
         text = _result_text(result, self.key)
         with self._lock:
+            # Again under the lock: the terminator's rollback hook may have
+            # released the claim meanwhile.
             scope = self._check("record")
             store = scope.store
             assert store is not None
             try:
-                with scope.committing():
+                if scope.workflow is None:
                     store.idem_record(self.key, self.epoch, result, encoded=text)
+                else:
+                    with scope.committing():
+                        store.idem_record(self.key, self.epoch, result, encoded=text)
             except LeaseLost:
                 self._lost()
                 raise
             self._state = _RECORDED
             self._result, self._result_text = _UNDECODED, text
             self.sent = True
-            self._stop_renewal()
-        scope.emit(
+            renewal, self._renewal = self._renewal, None
+            if renewal is not None:
+                renewal.stop()
+        scope.emit_built(
             "idempotent_recorded",
-            {"key": self.key, "epoch": self.epoch, "retried": self.retried},
+            {
+                "operation": scope.name,
+                "key": self.key,
+                "epoch": self.epoch,
+                "retried": self.retried,
+            },
         )
 
     def release(self) -> None:
@@ -1059,8 +1077,14 @@ class IdempotentCall:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._state == _REPLAYED and self._section is None:
-            self._exited = True  # a replay outside a workflow: nothing to settle
+        if self._section is None and (
+            self._state == _REPLAYED or (self._state == _RECORDED and not self._comps)
+        ):
+            # Outside a workflow, a replay or a recorded run without
+            # compensations has nothing left to settle: the record stopped the
+            # renewal, and the scope holds no hooks (they are registered only
+            # in a workflow) and no journal entries.
+            self._exited = True
             return
         try:
             self._complete(exc)
@@ -1278,7 +1302,7 @@ def idempotent_call(
     _check_flags(dedupes, explicit_send)
     if grace is not None:
         grace = validate_seconds("grace", grace)
-    if store is not None:
+    if store is not None and type(store) is not SQLiteStore:
         store = _check_store(store)
     fingerprint = ""
     if isinstance(key, str) and request is not _MISSING and not callable(request):

@@ -44,6 +44,8 @@ log = logging.getLogger("termsafe")
 
 # The commit step outside a workflow: nothing to enter (reusable, stateless).
 _NO_STEP: Final[AbstractContextManager[None]] = contextlib.nullcontext()
+# OperationScope(workflow=...) not given: the scope looks the current workflow up.
+_LOOK_UP: Final[Any] = object()
 _open_default_store: Callable[[], Store] | None = None
 _get_terminator: Callable[[], Terminator] | None = None  # imported on first use
 
@@ -109,6 +111,8 @@ class OperationScope:
         kind: The critical-section kind of the operation (``fs``, ``db``, ``git``, ``api``).
         name: A short description for events (``atomic_file /srv/out.txt``).
         store: See ``resolve_store``.
+        workflow: The current workflow (or ``None``), when the caller has
+            looked it up already (saves looking it up twice on a hot path).
     """
 
     __slots__ = (
@@ -122,11 +126,20 @@ class OperationScope:
         "workflow",
     )
 
-    def __init__(self, kind: str, name: str, store: Store | bool | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        store: Store | bool | None = None,
+        *,
+        workflow: Workflow | None = _LOOK_UP,
+    ) -> None:
         self.kind = kind
         self.name = name
-        self.workflow = current_workflow()
-        self.store = resolve_store(store, self.workflow)
+        if workflow is _LOOK_UP:
+            workflow = current_workflow()
+        self.workflow = workflow
+        self.store = resolve_store(store, workflow)
         self._hooks: list[Hook] = []
         self._journal: list[int] = []
         self._local_rollbacks: list[Callable[[], Any]] = []
@@ -284,8 +297,14 @@ class OperationScope:
 
     def emit(self, type_: str, details: dict[str, Any]) -> None:
         """An audit event on the workflow's terminator (or the default one)."""
+        self.emit_built(type_, {"operation": self.name, **details})
+
+    def emit_built(self, type_: str, details: dict[str, Any]) -> None:
+        """``emit`` for details the caller built with ``"operation": self.name`` first.
+
+        The dict is handed over, not copied: the caller must not touch it again.
+        """
         wf = self.workflow
-        details = {"operation": self.name, **details}
         if wf is not None:
             wf.terminator._pipe.emit(type_, wf.id, None, None, wf.state.value, details)
             return

@@ -352,6 +352,13 @@ _SQL_IDEM_INSERT: Final = (
     "created_at, updated_at) VALUES (?, ?, 'in_flight', 1, ?, ?, ?, ?, ?) "
     "ON CONFLICT(key) DO NOTHING"
 )
+_SQL_IDEM_RECORD: Final = (
+    "UPDATE idempotency SET status = 'done', result = ?, updated_at = ? "
+    "WHERE key = ? AND epoch = ? AND status = 'in_flight'"
+)
+# Claim(...) through NamedTuple's generated __new__ costs a Python call; the
+# fast paths build the tuple directly (every field given, in order).
+_new_claim: Final = tuple.__new__
 
 # Numbered migrations; index i upgrades user_version i -> i+1.
 MIGRATIONS: Final[Sequence[str]] = (
@@ -749,12 +756,13 @@ class SQLiteStore:
             OutcomeUnknown: a run died after the side effect may have started.
             ConfigurationError: the key is empty or longer than 255 characters.
         """
-        _check_key(key)
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
+            _check_key(key)
         known = self._done.get(key)
         if known is not None and not self._closed:
             if known[0] != fingerprint:
                 raise IdempotencyKeyReused(key)
-            return Claim(key, True, json.loads(known[1]), known[2])
+            return _new_claim(Claim, (key, True, json.loads(known[1]), known[2], False))
         generation = self._done_gen
         conn = self._conn()
         row = conn.execute(_SQL_IDEM_PEEK, (key,)).fetchone()
@@ -765,13 +773,13 @@ class SQLiteStore:
                 (key, fingerprint, _identity_json(), now + lease_seconds, int(sent), now, now),
             )
             if cur.rowcount == 1:
-                return Claim(key, False, None, 1)
+                return _new_claim(Claim, (key, False, None, 1, False))
             # Another process claimed the key since the read: decide under the lock.
         elif row[1] == "done":
             if row[0] != fingerprint:
                 raise IdempotencyKeyReused(key)
             self._remember_done(key, row[0], row[2], row[3], generation)
-            return Claim(key, True, json.loads(row[2]), row[3])
+            return _new_claim(Claim, (key, True, json.loads(row[2]), row[3], False))
         return self._idem_claim_locked(key, fingerprint, lease_seconds, retry_unknown, sent)
 
     def _idem_claim_locked(
@@ -883,13 +891,11 @@ class SQLiteStore:
             LeaseLost: another run took the key over (fencing): nothing recorded.
         """
         data = encoded if encoded is not None else _dumps(result, "idempotent call result")
-        self._fenced(
-            "UPDATE idempotency SET status = 'done', result = ?, updated_at = ? "
-            "WHERE key = ? AND epoch = ? AND status = 'in_flight'",
-            (data, time.time(), key, epoch),
-            key,
-            epoch,
-        )
+        # _fenced, written out: this is on every first run.
+        conn = self._conn()
+        if conn.execute(_SQL_IDEM_RECORD, (data, time.time(), key, epoch)).rowcount != 1:
+            row = conn.execute("SELECT epoch FROM idempotency WHERE key = ?", (key,)).fetchone()
+            raise LeaseLost(key, epoch, None if row is None else int(row[0]))
 
     def idem_release(self, key: str, epoch: int, *, unknown: bool) -> None:
         """Give up a claim: ``released`` (safe to retry) or ``unknown``.
