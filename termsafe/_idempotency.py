@@ -222,16 +222,12 @@ def _as_json(value: Any, what: str) -> Any:
         raise InvalidArgumentType(f"{what} must be JSON data (got {value!r}: {exc})") from None
 
 
-def _result_text(value: Any, key: str) -> str:
-    """``value`` as the store will hold it (JSON text), or an error naming it."""
-    try:
-        text = _encode_result(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        problem = "a cycle" if isinstance(exc, RecursionError) else exc
-        raise InvalidArgumentType(
-            f"result of idempotent call {key!r} must be JSON data (got {value!r}: {problem})"
-        ) from None
-    return text
+def _not_json_result(value: Any, key: str, exc: BaseException) -> InvalidArgumentType:
+    """The error for a result that ``_encode_result`` refused with ``exc``."""
+    problem = "a cycle" if isinstance(exc, RecursionError) else exc
+    return InvalidArgumentType(
+        f"result of idempotent call {key!r} must be JSON data (got {value!r}: {problem})"
+    )
 
 
 # -- lease renewal -------------------------------------------------------------------
@@ -636,8 +632,16 @@ class IdempotentCall:
             section = critical_section("api", self.grace)
             section.__enter__()
             self._section = section
+        store = self._store
+        assert store is not None
         try:
-            claim = self._claim()
+            claim = store.idem_claim(  # self._claim(), written out
+                self.key,
+                self.fingerprint,
+                lease_seconds=self.lease,
+                retry_unknown=self.dedupes,
+                sent=not self.explicit_send,
+            )
         except BaseException as exc:
             self._refused(exc)
             self._leave(exc)
@@ -764,7 +768,10 @@ class IdempotentCall:
         """
         if self._state != _CLAIMED or self._exited:
             self._check("record")  # raises the error that fits, before encoding
-        text = _result_text(result, self.key)
+        try:
+            text = _encode_result(result)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _not_json_result(result, self.key, exc) from None
         with self._lock:
             # Again under the lock: the terminator's rollback hook may have
             # released the claim meanwhile.

@@ -58,8 +58,9 @@ from termsafe import (
     resolve_outcome,
     run_pending_compensations,
 )
-from termsafe._idempotency import request_fingerprint
-from termsafe._store import APPLICATION_ID, MIGRATIONS, SQLiteStore
+from termsafe._idempotency import _keeper_for, request_fingerprint
+from termsafe._store import APPLICATION_ID, MIGRATIONS, Claim, SQLiteStore
+from termsafe._terminator import _set_default_terminator, get_terminator
 
 BACKENDS = ["asyncio", "trio"]
 ALICE = Principal("alice")
@@ -937,6 +938,102 @@ class TestBadInput:
 
 
 # -- many processes -----------------------------------------------------------------------
+
+
+class TestFirstRunFastPath:
+    def test_record_reports_the_state_before_the_result(self, store: SQLiteStore) -> None:
+        """record() of a result that is not JSON data first gets the error of the call's state."""
+        bad = {"when": object()}
+        call = idempotent_call("fast-state", request=REQUEST, store=store)
+        with pytest.raises(ConfigurationError, match="'fast-state'"):
+            call.record(bad)
+        with call:
+            call.record("ok")
+            with pytest.raises(AlreadyRecorded, match="'fast-state'"):
+                call.record(bad)
+        with pytest.raises(AlreadyRecorded, match="'fast-state'"):
+            call.record(bad)
+        with idempotent_call("fast-state", request=REQUEST, store=store) as again:
+            assert again.replayed
+            with pytest.raises(AlreadyRecorded, match="'fast-state'"):
+                again.record(bad)
+        assert "ok" == store.idem_info("fast-state").result  # type: ignore[union-attr]
+
+    def test_recorded_exit_outside_a_workflow_settles_everything(
+        self, make_term: TermFactory, store: SQLiteStore
+    ) -> None:
+        """Outside a workflow a recorded run leaves no lease and no hook, and emits one event."""
+        sink = termsafe.MemorySink()
+        term = make_term(sink=sink)
+        old = _set_default_terminator(term)
+        try:
+            keeper = _keeper_for(get_terminator()._timer)
+            with idempotent_call("fast-exit", request=REQUEST, store=store) as call:
+                held = set(keeper._leases)
+                call.record({"n": 1})
+            left = set(keeper._leases)
+        finally:
+            _set_default_terminator(old)
+        assert 1 == len(held)
+        assert set() == left
+        assert call._scope is not None
+        assert ([], []) == (call._scope._hooks, call._scope._local_rollbacks)
+        [recorded] = [e for e in Audit(term, sink).events() if e.type.startswith("idem")]
+        expected = {"operation": "idempotent_call fast-exit", "key": "fast-exit", "epoch": 1}
+        assert ("idempotent_recorded", {**expected, "retried": False}) == (
+            recorded.type,
+            dict(recorded.details),
+        )
+        assert ("done", {"n": 1}) == (store.idem_status("fast-exit"), call.result)
+
+
+class TestStoreClaim:
+    @pytest.mark.parametrize(
+        ("key", "error", "named"),
+        [
+            ("k" * 256, ConfigurationError, "256"),
+            ("", ConfigurationError, "''"),
+            (42, InvalidArgumentType, "42"),
+            (None, InvalidArgumentType, "None"),
+        ],
+        ids=["too-long", "empty", "int", "none"],
+    )
+    def test_bad_key(
+        self, store: SQLiteStore, key: Any, error: type[Exception], named: str
+    ) -> None:
+        """The store refuses a bad key itself, naming it; nothing is written."""
+        with pytest.raises(error) as info:
+            store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+        assert named in str(info.value)
+        assert (
+            0
+            == sqlite3.connect(store.path).execute("SELECT count(*) FROM idempotency").fetchone()[0]
+        )
+
+    def test_claims_are_whole_claims(self, store: SQLiteStore) -> None:
+        """A first claim, a replay and a remembered replay are Claim tuples with every field."""
+
+        class Key(str):
+            pass
+
+        key = Key("sc-1")
+        first = store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+        store.idem_record(key, 1, {"a": [1]})
+        read = store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+        remembered = store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+        assert [Claim, Claim, Claim] == [type(c) for c in (first, read, remembered)]
+        assert {"key": "sc-1", "replay": False, "result": None, "epoch": 1, "retried": False} == (
+            first._asdict()
+        )
+        assert Claim("sc-1", True, {"a": [1]}, 1, False) == read == remembered
+
+    def test_record_with_a_stale_epoch(self, store: SQLiteStore) -> None:
+        """A record under an epoch that is not the key's claim raises LeaseLost naming both."""
+        store.idem_claim("sc-2", "f" * 64, lease_seconds=60.0, retry_unknown=False)
+        with pytest.raises(LeaseLost) as info:
+            store.idem_record("sc-2", 7, "late")
+        assert (7, 1) == (info.value.epoch, info.value.current_epoch)
+        assert "in_flight" == store.idem_status("sc-2")
 
 
 class TestRace:

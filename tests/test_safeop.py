@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from _kills import in_taken_over_workflow
 from conftest import Audit, Jobs, TermFactory
 
@@ -77,3 +78,36 @@ class TestRegisterAfterTakeover:
         assert ["report.txt"] == sorted(p.name for p in tmp_path.iterdir())
         assert "old" == target.read_text()
         assert 0 == wf.pending_hooks
+
+
+class TestScopeGivenItsWorkflow:
+    def test_workflow_given_is_not_looked_up(self, term: ts.Terminator, tmp_path: Path) -> None:
+        """A scope told its workflow uses it (None: outside one) and resolves its store as usual."""
+        store = ts.SQLiteStore(tmp_path / "store.sqlite3")
+        try:
+            with term.workflow("given") as wf:
+                looked_up = OperationScope("fs", "probe", store=False)
+                told = OperationScope("fs", "probe", store=False, workflow=None)
+                own = OperationScope("fs", "probe", store, workflow=None)
+                undone: list[str] = []
+                told.on_rollback(lambda: undone.append("told"))
+                assert 0 == wf.pending_hooks
+                told.failed()
+            assert (wf, None) == (looked_up.workflow, looked_up.store)
+            assert (None, None) == (told.workflow, told.store)
+            assert (None, store) == (own.workflow, own.store)
+            assert ["told"] == undone
+        finally:
+            store.close()
+
+    @pytest.mark.parametrize("form", ["emit", "emit_built"])
+    def test_events_name_the_operation(self, term: ts.Terminator, audit: Audit, form: str) -> None:
+        """emit adds the operation's name to the details; emit_built takes details that have it."""
+        with term.workflow("events"):
+            scope = OperationScope("api", "probe op", store=False)
+            if form == "emit":
+                scope.emit("probe_happened", {"n": 1})
+            else:
+                scope.emit_built("probe_happened", {"operation": scope.name, "n": 1})
+        [event] = audit.of("probe_happened", "events")
+        assert {"operation": "probe op", "n": 1} == dict(event.details)
