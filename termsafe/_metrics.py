@@ -117,7 +117,8 @@ class Recorder:
     def __init__(self, hook: MetricsHook | None = None) -> None:
         self.hook: MetricsHook = hook if hook is not None else NoopMetricsHook()
         # The default hook is skipped outright: these run on every kill's path.
-        self._hooked = not isinstance(self.hook, NoopMetricsHook)
+        # Exactly it: a subclass that overrides some of its methods is a real hook.
+        self._hooked = type(self.hook) is not NoopMetricsHook
         self.metrics_hook_failures = 0
         self._lock = threading.Lock()
         self.kills_requested = 0

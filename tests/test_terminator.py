@@ -263,6 +263,60 @@ class TestKill:
         )
         assert 1.0 == metrics.success_rate
 
+    def test_a_noop_hook_subclass_is_called(self, make_term: TermFactory) -> None:
+        """A metrics hook that subclasses NoopMetricsHook has its overrides called."""
+        outcomes: list[str] = []
+
+        class Counting(termsafe.NoopMetricsHook):
+            def kill_requested(self, *, outcome: str) -> None:
+                outcomes.append(outcome)
+
+        term = make_term(metrics_hook=Counting())
+        with term.workflow("counted"):
+            term.kill("counted", by=ADMIN)
+            termsafe.checkpoint()
+        with pytest.raises(KillRefused):
+            term.kill("counted", by=ADMIN)
+        assert ["accepted", "refused"] == outcomes
+
+    def test_kill_latency_is_the_time_from_request_to_final(self, make_term: TermFactory) -> None:
+        """The recorded kill latency lies between zero and the wall time around kill and wait."""
+        hooked: list[float] = []
+
+        class Hook(termsafe.NoopMetricsHook):
+            def kill_finished(self, *, final_state: str, latency_s: float) -> None:
+                hooked.append(latency_s)
+
+        sink = MemorySink()
+        term = make_term(sink=sink, metrics_hook=Hook())
+        audit = Audit(term, sink)
+        ready, go = threading.Event(), threading.Event()
+
+        def body() -> None:
+            with term.workflow("lat"):
+                ready.set()
+                assert go.wait(WAIT)
+                termsafe.checkpoint()
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        try:
+            assert ready.wait(WAIT)
+            before = time.monotonic()
+            handle = term.kill("lat", by=ADMIN)
+            go.set()
+            assert S.TERMINATED == handle.wait(WAIT)
+            elapsed = time.monotonic() - before
+        finally:
+            go.set()
+            thread.join(WAIT)
+        metrics = term.metrics()
+        [latency] = hooked
+        assert 0.0 < latency <= elapsed
+        assert latency == metrics.kill_latency_p50 == metrics.kill_latency_p99
+        [finished] = audit.of("workflow_finished", "lat")
+        assert round(latency * 1000, 3) == finished.details["kill_latency_ms"]
+
 
 class TestPermissions:
     @pytest.mark.parametrize(
@@ -560,6 +614,44 @@ class TestSystemPhase:
             gate.set()
         job.result()
         assert [("forced", "jobs"), ("cleanup", "jobs")] == seen
+
+    @pytest.mark.parametrize("force", [True, False])
+    def test_emergency_save_of_the_last_checkpoint(
+        self, make_term: TermFactory, jobs: Jobs, force: bool
+    ) -> None:
+        """The forced phase records the last checkpoint in an emergency_save event."""
+        sink = MemorySink()
+        term = make_term(phases=Phases(0.05 if not force else 30.0, 30.0), sink=sink)
+        saved = event_seen(term, "emergency_save")
+        ready, gate = threading.Event(), threading.Event()
+
+        def body() -> None:
+            with term.workflow("saver"):
+                termsafe.checkpoint({"step": 3, "rows": [1, 2]})
+                ready.set()
+                assert gate.wait(WAIT)  # no cancellation point until released
+                termsafe.checkpoint()
+
+        job = jobs.start(body)
+        assert ready.wait(WAIT)
+        try:
+            handle = term.kill("saver", by=ADMIN, reason="deploy", force=force)
+            assert saved.wait(WAIT)
+        finally:
+            gate.set()
+        job.result()
+        assert S.TERMINATED == handle.wait(WAIT)
+        [save] = Audit(term, sink).of("emergency_save", "saver")
+        assert {"checkpoint": {"step": 3, "rows": [1, 2]}} == dict(save.details)
+        assert "deploy" == save.reason
+
+    def test_no_emergency_save_without_a_checkpoint(self, term: Terminator, audit: Audit) -> None:
+        """A workflow that never checkpointed gets no emergency_save event."""
+        with term.workflow("plain"):
+            term.kill("plain", by=ADMIN, force=True)
+            termsafe.checkpoint()
+        assert [] == audit.of("emergency_save")
+        assert ["forced"] == [e.details["phase"] for e in audit.of("kill_requested", "plain")]
 
     def test_get_unknown(self, term: Terminator) -> None:
         """get() of an unknown id raises WorkflowNotFound."""
