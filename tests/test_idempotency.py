@@ -1410,6 +1410,45 @@ class TestCompensations:
             assert ["done"] == [c.status for c in ran]
 
 
+class TestCompensationsOutsideAWorkflow:
+    def test_recorded_then_clean_exit_discards(self, store: SQLiteStore) -> None:
+        """A recorded call's compensations are discarded, not left pending, on a clean exit."""
+        undone: list[Any] = []
+        with idempotent_call("rec-ok", request=REQUEST, store=store) as call:
+            call.record("ok")
+            call.compensate(undone.append, "a", name="undo")
+            call.compensate(undone.append, "b", name="undo")
+            assert ["pending", "pending"] == [c.status for c in store.comp_list("rec-ok")]
+        assert [] == undone
+        assert [] == store.comp_list("rec-ok")
+        assert "done" == store.idem_status("rec-ok")
+        assert [] == run_pending_compensations(
+            "rec-ok", {"undo": undone.append}, store=store, force=True
+        )
+        assert [] == undone
+
+    def test_recorded_then_failure_compensates_once(self, store: SQLiteStore) -> None:
+        """A recorded call's compensations run once, newest first, when its block then fails."""
+        undone: list[Any] = []
+
+        def fails() -> None:
+            with idempotent_call("rec-fail", request=REQUEST, store=store) as call:
+                call.record("ok")
+                call.compensate(undone.append, "a", name="undo")
+                call.compensate(undone.append, "b", name="undo")
+                raise RuntimeError("later step failed")
+
+        with pytest.raises(RuntimeError, match="later step failed"):
+            fails()
+        assert ["b", "a"] == undone
+        assert ["done", "done"] == [c.status for c in store.comp_list("rec-fail")]
+        assert "done" == store.idem_status("rec-fail")
+        assert [] == run_pending_compensations(
+            "rec-fail", {"undo": undone.append}, store=store, force=True
+        )
+        assert ["b", "a"] == undone
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
