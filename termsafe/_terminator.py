@@ -97,6 +97,7 @@ _storm_lock = threading.RLock()
 _storm_depth = 0
 _storm_saved = 0.0
 _storm_set = 0.0
+_storm_generation = 0  # a forked child's storms are not its parent's
 
 
 @contextlib.contextmanager
@@ -120,26 +121,45 @@ def _storm() -> Iterator[None]:
                 sys.setswitchinterval(STORM_SWITCH_INTERVAL)
             _storm_set = sys.getswitchinterval()
         _storm_depth += 1
+        generation = _storm_generation
     try:
         yield
     finally:
         with _storm_lock:
-            _storm_depth -= 1
-            if _storm_depth == 0 and sys.getswitchinterval() == _storm_set:
-                sys.setswitchinterval(_storm_saved)
+            # A storm that was running when this process was forked from it
+            # belongs to the parent: the child already left it.
+            if generation == _storm_generation:
+                _storm_depth -= 1
+                if _storm_depth == 0 and sys.getswitchinterval() == _storm_set:
+                    sys.setswitchinterval(_storm_saved)
 
 
-def _storm_after_fork() -> None:
+def _storm_before_fork() -> None:
+    # Held across the fork: a child never starts between a storm's interval
+    # change and its count (the lock is only ever held for a few statements).
+    _storm_lock.acquire()
+
+
+def _storm_after_fork_in_parent() -> None:
+    _storm_lock.release()
+
+
+def _storm_after_fork_in_child() -> None:
     """A child forked during a storm starts with none (the storm stays the parent's)."""
-    global _storm_lock, _storm_depth
+    global _storm_depth, _storm_generation
     if _storm_depth and sys.getswitchinterval() == _storm_set:
         sys.setswitchinterval(_storm_saved)
     _storm_depth = 0
-    _storm_lock = threading.RLock()  # another thread may have held it at the fork
+    _storm_generation += 1
+    _storm_lock.release()  # taken by this thread before the fork
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_storm_after_fork)
+    os.register_at_fork(
+        before=_storm_before_fork,
+        after_in_parent=_storm_after_fork_in_parent,
+        after_in_child=_storm_after_fork_in_child,
+    )
 
 
 @attrs.frozen
@@ -590,7 +610,9 @@ class Terminator:
             # Finished between the check and now.
             self._refuse(workflow_id, by, reason, perms.FINISHED)
         assert wf is not None
-        return self._start_kill(wf, by, reason, force)
+        handle = self._start_kill(wf, by, reason, force)
+        assert handle is not None  # a finished workflow was refused
+        return handle
 
     def _refuse(self, workflow_id: str, by: Principal, reason: str, decision: Decision) -> None:
         self._recorder.kill_requested(False)
@@ -639,16 +661,21 @@ class Terminator:
     ) -> list[KillHandle]:
         """Call ``kill(wf)`` for each target as one storm; return the handles in order.
 
-        A workflow whose lock is held (by its own thread, which may be waiting
-        for the GIL this storm holds) is left until the rest are killed: a
-        storm that blocked on it would let every other thread run first.
+        A workflow whose lock is held (by its own thread, say, which may be
+        waiting for the GIL this storm holds) is left until the rest are
+        killed, and its children with it: a storm that blocked on it would let
+        every other thread run first.
         """
         handles: list[KillHandle | None] = []
         busy: list[tuple[int, Workflow]] = []
+        put_off: set[Workflow] = set()
         with _storm():
             for wf in targets:
-                if wf.lock.locked():
+                # A child waits with its parent, so that the parent's kill, not
+                # the child's own, reaches it first (as the cascade's).
+                if wf.lock.locked() or (wf.parent is not None and wf.parent in put_off):
                     busy.append((len(handles), wf))
+                    put_off.add(wf)
                     handles.append(None)
                     continue
                 handles.append(kill(wf))
@@ -673,7 +700,8 @@ class Terminator:
         def kill(wf: Workflow) -> KillHandle | None:
             if wf.parent is not None and wf.parent.kill is not None:
                 return None  # killed with its parent
-            return self._start_kill(wf, PROCESS_PRINCIPAL, reason, force)
+            # Quiet: one that finished since the list was taken has nothing left to kill.
+            return self._start_kill(wf, PROCESS_PRINCIPAL, reason, force, quiet=True)
 
         return self._kill_many(self.workflows(), kill)
 
@@ -691,17 +719,29 @@ class Terminator:
                 count += 1
         return count
 
-    def _start_kill(self, wf: Workflow, by: Principal, reason: str, force: bool) -> KillHandle:
-        """Kill ``wf`` and, if this is its first kill, the workflows started inside it."""
-        handle, fresh = self._kill_one(wf, by, reason, force)
+    def _start_kill(
+        self, wf: Workflow, by: Principal, reason: str, force: bool, *, quiet: bool = False
+    ) -> KillHandle | None:
+        """Kill ``wf`` and, if this is its first kill, the workflows started inside it.
+
+        A workflow that finished without being killed is refused (``KillRefused``,
+        audited), or with ``quiet`` skipped (``None``): for the terminator's own
+        kills (a cascade, a shutdown, a dependency), where it only means the
+        workflow ended between being listed and being reached.
+        """
+        handle, fresh = self._kill_one(wf, by, reason, force, quiet=quiet)
         if fresh and wf._children is not None:
             self._kill_children(wf, by, reason, force)
         return handle
 
     def _kill_one(
-        self, wf: Workflow, by: Principal, reason: str, force: bool
-    ) -> tuple[KillHandle, bool]:
-        """Kill ``wf`` alone; return its handle and whether this was its first kill."""
+        self, wf: Workflow, by: Principal, reason: str, force: bool, *, quiet: bool = False
+    ) -> tuple[KillHandle | None, bool]:
+        """Kill ``wf`` alone; return its handle and whether this was its first kill.
+
+        A workflow that finished without a kill: ``KillRefused``, or ``(None,
+        False)`` if ``quiet``.
+        """
         now = time.monotonic()
         escalate = False
         sections: Sequence[tuple[str, float]] = ()
@@ -737,6 +777,8 @@ class Terminator:
                 # "workflow_finished" must not precede the request in the trail.
                 self._emit_fresh_kill(wf, by, reason, force, request, sections, deadlines)
         if finished:
+            if quiet:
+                return None, False
             self._refuse(wf.id, by, reason, perms.FINISHED)
         assert request is not None
         assert request.handle is not None
@@ -766,10 +808,8 @@ class Terminator:
             parent, why = todo.pop()
             for child in parent.children():
                 child_why = f"parent workflow {parent.id!r} killed: {why}"
-                try:
-                    _, fresh = self._kill_one(child, by, child_why, force)
-                except KillRefused:
-                    continue  # it finished meanwhile: nothing left to kill
+                # Quiet: a child that finished since it was listed has nothing left to kill.
+                _, fresh = self._kill_one(child, by, child_why, force, quiet=True)
                 if fresh and child._children is not None:
                     # A child killed before was cascaded then, not again now.
                     todo.append((child, child_why))
@@ -1449,6 +1489,7 @@ class Terminator:
                     PROCESS_PRINCIPAL,
                     f"dependency {wf_id!r} was {final.value}",
                     False,
+                    quiet=True,
                 )
 
     # -- requests from inside a workflow -------------------------------------------------
@@ -1502,7 +1543,11 @@ class Terminator:
         handle = None
         if verdict == "approve" and not is_terminal(wf.state):
             handle = self._start_kill(
-                wf, REQUEST_POLICY_PRINCIPAL, f"requested by the workflow: {reason}", False
+                wf,
+                REQUEST_POLICY_PRINCIPAL,
+                f"requested by the workflow: {reason}",
+                False,
+                quiet=True,
             )
         return TerminationRequest(wf.id, reason, verdict, handle)
 

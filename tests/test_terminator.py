@@ -8,6 +8,8 @@ import math
 import os
 import queue
 import re
+import select
+import signal
 import sys
 import threading
 import time
@@ -49,6 +51,7 @@ from termsafe import (
     WorkflowState,
     critical_section,
 )
+from termsafe._states import is_terminal
 from termsafe._terminator import STORM_SWITCH_INTERVAL
 
 S = WorkflowState
@@ -1241,81 +1244,168 @@ class TestKillStorm:
             assert i.kill_pending
         assert [STORM_SWITCH_INTERVAL] == pytest.approx(after_inner, abs=1e-5)
 
-    def test_child_forked_during_a_storm_has_the_old_interval(self, term: Terminator) -> None:
-        """A process forked while a storm runs starts with the interval the storm replaced."""
-        codes: list[int] = []
+    def test_child_forked_during_a_storm(self, term: Terminator) -> None:
+        """A child forked inside a storm starts outside it and runs storms of its own.
+
+        The child goes on through the rest of the parent's storm (its exit must
+        not count against the child), then checks the interval: the old one
+        right after the fork and after that storm, the storm's during a storm
+        of its own, the old one after it.
+        """
+        parent = os.getpid()
+        r, w = os.pipe()
+        pids: list[int] = []
+        at_fork: list[float] = []
 
         def policy(wf: Workflow, p: Principal) -> bool:
-            r, w = os.pipe()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-                pid = os.fork()
-            if pid == 0:
-                os.close(r)
-                ok = abs(sys.getswitchinterval() - 0.004) < 1e-5
-                # And a storm in the child raises and restores it again.
-                child_term = Terminator()
-                child_term.terminate_all("child storm")
-                ok = ok and abs(sys.getswitchinterval() - 0.004) < 1e-5
-                os.write(w, b"y" if ok else b"n")
-                os._exit(0)
-            os.close(w)
-            with os.fdopen(r, "rb") as answer:
-                codes.append(answer.read(1)[0])
-            _, status = os.waitpid(pid, 0)
-            codes.append(os.waitstatus_to_exitcode(status))
+                pids.append(os.fork())
+            if pids[-1] == 0:
+                at_fork.append(sys.getswitchinterval())  # still inside the storm here
             return True
 
         term.register_policy("forker", policy)
-        with switch_interval(0.004), term.workflow("w5"):
-            term.kill_all(by=Principal("forker", kind="system"))
-            termsafe.checkpoint()
-        assert [ord("y"), 0] == codes
+        try:
+            with switch_interval(0.004), term.workflow("w5"):
+                term.kill_all(by=Principal("forker", kind="system"))
+                if os.getpid() != parent:
+                    self._child_checks(w, at_fork[0])
+                termsafe.checkpoint()
+        finally:
+            if os.getpid() != parent:
+                os._exit(1)  # never run the parent's test session in the child
+        os.close(w)
+        [pid] = pids
+        ready, _, _ = select.select([r], [], [], WAIT)
+        answer = os.read(r, 200).decode() if ready else "no answer"
+        os.close(r)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert f"0.004 0.004 {STORM_SWITCH_INTERVAL:.3f} 0.004" == answer
+
+    @staticmethod
+    def _child_checks(w: int, at_fork: float) -> None:
+        """In the forked child: report the interval around a storm of its own; exit."""
+        msg = "child failed"
+        try:
+            after_fork = sys.getswitchinterval()
+            seen: list[float] = []
+            own = Terminator()
+            own.add_forced_action(lambda wf: seen.append(sys.getswitchinterval()))
+            ctx, cm = contextvars.Context(), own.workflow("x")
+            ctx.run(cm.__enter__)
+            own.terminate_all("child storm", force=True)
+            msg = f"{at_fork:.3f} {after_fork:.3f} {seen[0]:.3f} {sys.getswitchinterval():.3f}"
+        except BaseException as exc:
+            msg = f"child failed: {exc!r}"
+        finally:
+            os.write(w, msg.encode())
+            os._exit(0)
+
+    @staticmethod
+    def _enter(term: Terminator, *ids: str) -> list[tuple[contextvars.Context, Any, Workflow]]:
+        """Enter workflows without a thread each: each id nests in the one before it if
+        it starts with "/" (a child), else gets a context of its own."""
+        entered: list[tuple[contextvars.Context, Any, Workflow]] = []
+        ctx = contextvars.Context()
+        for wid in ids:
+            if not wid.startswith("/"):
+                ctx = contextvars.Context()
+            cm = term.workflow(wid.lstrip("/"))
+            entered.append((ctx, cm, ctx.run(cm.__enter__)))
+        return entered
+
+    @staticmethod
+    def _unwind(entered: list[tuple[contextvars.Context, Any, Workflow]]) -> None:
+        """Leave the workflows ``_enter`` entered, innermost first, as a kill would."""
+        for ctx, cm, wf in reversed(entered):
+            if not is_terminal(wf.state):
+                exc = termsafe.Terminated(wf.id, "storm")
+                with contextlib.suppress(termsafe.Terminated):
+                    ctx.run(cm.__exit__, type(exc), exc, None)
+
+    def _hold_until_killed(
+        self, term: Terminator, locked_wf: Workflow, other: str
+    ) -> tuple[threading.Thread, threading.Event, list[str]]:
+        """Hold ``locked_wf``'s lock from a thread until ``other``'s kill is delivered.
+
+        The holder gives up after a deadline, so a storm that waits on the lock
+        first fails the test instead of hanging it.
+        """
+        locked, seen = threading.Event(), threading.Event()
+        said: list[str] = []
+
+        def listen(event: termsafe.AuditEvent) -> None:
+            if event.type == "kill_requested" and event.workflow_id == other:
+                seen.set()
+
+        term.add_event_listener(listen)
+
+        def holder() -> None:
+            with locked_wf.lock:
+                locked.set()
+                said.append("released" if seen.wait(WAIT) else "gave up")
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        assert locked.wait(WAIT)
+        return thread, seen, said
 
     def test_workflow_with_busy_lock_is_killed_last(self, term: Terminator, audit: Audit) -> None:
         """A workflow whose lock is held is killed after the rest, not waited for first.
 
         "held" is registered first, so a storm that blocked on its lock would
         reach "free" only once the lock is released; the holder releases it
-        only after "free" was killed (or after a deadline, so a regression
-        fails instead of hanging).
+        only once the kill of "free" was delivered.
         """
-        ctx_held, ctx_free = contextvars.Context(), contextvars.Context()
-        held_cm, free_cm = term.workflow("held"), term.workflow("free")
-        held = ctx_held.run(held_cm.__enter__)
-        free = ctx_free.run(free_cm.__enter__)
-        locked, free_killed = threading.Event(), threading.Event()
-        order: list[str] = []
-
-        def holder() -> None:
-            with held.lock:
-                locked.set()
-                free_killed.wait(WAIT)
-                order.append("released" if free.kill is not None else "gave up")
-
-        thread = threading.Thread(target=holder)
-        thread.start()
+        entered = self._enter(term, "held", "free")
+        held = entered[0][2]
+        thread, seen, said = self._hold_until_killed(term, held, "free")
         try:
-            assert locked.wait(WAIT)
-            real_kill_one = term._kill_one
-
-            def spy(wf: Workflow, *args: Any) -> Any:
-                result = real_kill_one(wf, *args)
-                order.append(wf.id)
-                if wf is free:
-                    free_killed.set()
-                return result
-
-            term._kill_one = spy  # type: ignore[method-assign,assignment]
             handles = term.kill_all(by=ADMIN, reason="storm")
         finally:
-            free_killed.set()
+            seen.set()
             thread.join(WAIT)
-        assert ["free", "released", "held"] == order
+            self._unwind(entered)
+        assert ["released"] == said
         assert ["held", "free"] == [h.workflow_id for h in handles]
-        for ctx, cm in ((ctx_held, held_cm), (ctx_free, free_cm)):
-            exc = termsafe.Terminated("x", "storm")
-            with contextlib.suppress(termsafe.Terminated):
-                ctx.run(cm.__exit__, type(exc), exc, None)
-        assert (S.TERMINATED, S.TERMINATED) == (held.state, free.state)
+        assert {S.TERMINATED} == {wf.state for _, _, wf in entered}
         assert ["free", "held"] == [e.workflow_id for e in audit.of("kill_requested")]
+
+    def test_children_wait_with_their_parent(self, term: Terminator, audit: Audit) -> None:
+        """The child of a workflow left to the end is killed by its parent's cascade, once."""
+        entered = self._enter(term, "p", "/c", "w")
+        thread, seen, said = self._hold_until_killed(term, entered[0][2], "w")
+        try:
+            handles = term.terminate_all("host stopping")
+        finally:
+            seen.set()
+            thread.join(WAIT)
+            self._unwind(entered)
+        assert ["released"] == said
+        assert ["p", "w"] == [h.workflow_id for h in handles]
+        [child_kill] = audit.of("kill_requested", "c")
+        assert "parent workflow 'p' killed: host stopping" == child_kill.reason
+        assert ["w", "p", "c"] == [e.workflow_id for e in audit.of("kill_requested")]
+
+    def test_a_workflow_that_finished_during_the_storm_is_skipped(
+        self, term: Terminator, audit: Audit
+    ) -> None:
+        """terminate_all skips, without a refusal, a workflow that ended before it got there."""
+        entered = self._enter(term, "first", "second")
+        ctx, cm, second = entered[1]
+
+        def end_second(wf: Workflow) -> None:
+            if wf.id == "first":
+                ctx.run(cm.__exit__, None, None, None)  # "second" ends on its own
+
+        term.add_forced_action(end_second)
+        try:
+            handles = term.terminate_all("host stopping", force=True)
+        finally:
+            self._unwind(entered)
+        assert ["first"] == [h.workflow_id for h in handles]
+        assert S.COMPLETED == second.state
+        assert [] == audit.of("kill_refused")
