@@ -57,7 +57,7 @@ from ._metrics import MetricsHook, MetricsSnapshot, Recorder
 from ._permissions import Decision, KillPolicy, Principal
 from ._sections import CriticalSection, SectionKinds, validate_seconds
 from ._states import WorkflowState, is_terminal
-from ._timer import DeadlineTimer
+from ._timer import DeadlineTimer, Entry
 from ._workflow import Probe, Workflow, WorkflowContext
 
 if TYPE_CHECKING:
@@ -216,7 +216,9 @@ class KillRequest:
         "phase",
         "reason",
         "requested_at",
+        "section_timers",
         "system_at",
+        "timer",
         "wf",
     )
 
@@ -233,6 +235,20 @@ class KillRequest:
         self.grace_deadline: float | None = None
         self.system_at = 0.0
         self.handle: KillHandle | None = None
+        # Its pending deadlines, cancelled when the workflow ends (their
+        # entries would otherwise keep it alive until they came due).
+        self.timer: Entry | None = None  # the ladder's next: forced, then system
+        self.section_timers: list[Entry] | None = None
+
+    def cancel_timers(self, timer: DeadlineTimer) -> None:
+        """Drop the deadlines still pending (the workflow ended)."""
+        timer.cancel(self.timer)
+        self.timer = None
+        sections = self.section_timers
+        if sections is not None:
+            self.section_timers = None
+            for entry in sections:
+                timer.cancel(entry)
 
 
 class KillHandle:
@@ -886,14 +902,16 @@ class Terminator:
         # Set before any deadline is queued: a zero-length phase fires at once.
         request.system_at = system_at
         timer = self._timer
-        for grace in graces:
-            timer.call_at(now + grace, self._on_sections_due, request)
+        if graces:
+            request.section_timers = [
+                timer.call_at(now + grace, self._on_sections_due, request) for grace in graces
+            ]
         if request.force:
-            timer.call_at(system_at, self._on_system_due, request)
+            request.timer = timer.call_at(system_at, self._on_system_due, request)
             self._forced_actions_run(wf, request)
         else:
             # One deadline per kill: the forced phase queues the system phase.
-            timer.call_at(now + forced_in, self._on_forced_due, request)
+            request.timer = timer.call_at(now + forced_in, self._on_forced_due, request)
 
     # Deadline callbacks (timer thread): the request names its workflow.
 
@@ -922,7 +940,8 @@ class Terminator:
                 if request.grace_deadline is not None:
                     system_at = max(system_at, request.grace_deadline + self.phases.forced)
                 request.system_at = min(request.system_at, system_at)
-            self._timer.call_at(request.system_at, self._on_system_due, request)
+            self._timer.cancel(request.timer)  # the forced deadline, unless it is this call
+            request.timer = self._timer.call_at(request.system_at, self._on_system_due, request)
             # Under the lock, so the trail never shows it after "workflow_finished".
             self._pipe.emit(
                 "phase_changed",
@@ -1146,6 +1165,7 @@ class Terminator:
         details: dict[str, Any] = {}
         value = final._value_  # not .value: a property, paid on every exit
         if request is not None:
+            request.cancel_timers(self._timer)
             latency = time.monotonic() - request.requested_at
             details["kill_latency_ms"] = round(latency * 1000, 3)
             rec = self._recorder
@@ -1252,8 +1272,9 @@ class Terminator:
         SystemExit) for the caller to re-raise after the remaining hooks.
         """
         started = time.monotonic()
+        watchdog = None
         if self.hook_timeout:
-            self._timer.call_at(
+            watchdog = self._timer.call_at(
                 started + self.hook_timeout, lambda: self._hook_watchdog(wf, stack, hook)
             )
         error: BaseException | None = None
@@ -1264,6 +1285,8 @@ class Terminator:
             error = exc
         finally:
             wf.shield_depth -= 1
+            # Returned in time: the watchdog (and the workflow it holds) can go.
+            self._timer.cancel(watchdog)
         if stack.finish(hook):
             self._hook_event(wf, hook, started, error, "workflow")
         if error is not None and not isinstance(error, (Exception, Terminated)):

@@ -6,8 +6,11 @@ to be scheduled, which under load took over 100 ms), else by the first
 deadline. It sleeps until the earliest deadline and runs its callback.
 Callbacks must be short: anything that can block (running hooks of an
 abandoned workflow) is handed to a worker thread.
-Cancelled deadlines are left in the heap and skipped (callbacks re-check the
-state they act on), which keeps scheduling O(log n) and lock-light.
+``call_at`` returns the deadline's entry; ``cancel(entry)`` drops its
+callback and argument at once (what they reference is freed: a finished
+workflow is not kept alive until its kill's next deadline), and the empty
+entry is skipped when its time comes, or compacted away when cancelled
+entries fill half the heap. Callbacks still re-check the state they act on.
 """
 
 from __future__ import annotations
@@ -26,18 +29,34 @@ log = logging.getLogger("termsafe")
 
 _NO_ARG: Any = object()  # call_at without an argument: the callback takes none
 
+#: A deadline in the heap: [deadline, sequence, callback or None, argument].
+Entry = list[Any]
+#: Cancelled entries tolerated before the heap is compacted (and at least half).
+_COMPACT_AFTER = 1024
+
 
 class DeadlineTimer:
     """A heap of ``(deadline, callback)`` served by one daemon thread."""
 
-    __slots__ = ("__weakref__", "_cond", "_heap", "_lock", "_name", "_seq", "_stopped", "_thread")
+    __slots__ = (
+        "__weakref__",
+        "_cancelled",
+        "_cond",
+        "_heap",
+        "_lock",
+        "_name",
+        "_seq",
+        "_stopped",
+        "_thread",
+    )
 
     def __init__(self, name: str = "termsafe-timer") -> None:
         # call_at takes the bare lock: Condition's own __enter__/__exit__ are
         # Python calls, paid once per kill.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._heap: list[tuple[float, int, Callable[..., object], Any]] = []
+        self._heap: list[Entry] = []
+        self._cancelled = 0
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -52,6 +71,7 @@ class DeadlineTimer:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._heap = []
+        self._cancelled = 0
         self._thread = None
 
     def start(self) -> None:
@@ -65,23 +85,43 @@ class DeadlineTimer:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
-    def call_at(self, deadline: float, fn: Callable[..., object], arg: Any = _NO_ARG) -> None:
+    def call_at(self, deadline: float, fn: Callable[..., object], arg: Any = _NO_ARG) -> Entry:
         """Run ``fn()`` (or ``fn(arg)``) in the timer thread at ``deadline`` (``time.monotonic``).
 
         Passing ``arg`` rather than a closure saves the closure: a kill storm
         schedules one deadline per kill, and each closure (function, cells) is
         more for the garbage collector to walk while thousands are pending.
+
+        Returns:
+            The entry, for ``cancel``.
         """
+        entry = [deadline, 0, fn, arg]
         with self._lock:
             if self._stopped:
-                return
-            entry = (deadline, next(self._seq), fn, arg)
+                return entry
+            entry[1] = next(self._seq)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._start_locked()
             elif self._heap[0] is entry:
                 # Only an earlier deadline needs the thread to recompute its wait.
                 self._cond.notify()
+        return entry
+
+    def cancel(self, entry: Entry | None) -> None:
+        """Drop a deadline's callback and argument (``None``, or one already run: no-op)."""
+        if entry is None or entry[2] is None:
+            return
+        with self._lock:
+            if entry[2] is None:
+                return
+            entry[2] = entry[3] = None
+            self._cancelled += 1
+            heap = self._heap
+            if self._cancelled > _COMPACT_AFTER and 2 * self._cancelled > len(heap):
+                heap[:] = [e for e in heap if e[2] is not None]
+                heapq.heapify(heap)
+                self._cancelled = 0
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the timer thread as soon as possible."""
@@ -92,6 +132,7 @@ class DeadlineTimer:
         with self._cond:
             self._stopped = True
             self._heap.clear()
+            self._cancelled = 0
             self._cond.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -112,7 +153,12 @@ class DeadlineTimer:
                     if self._heap:
                         wait = self._heap[0][0] - time.monotonic()
                         if wait <= 0:
-                            _, _, fn, arg = heapq.heappop(self._heap)
+                            entry = heapq.heappop(self._heap)
+                            fn, arg = entry[2], entry[3]
+                            if fn is None:
+                                self._cancelled -= 1
+                                continue
+                            entry[2] = entry[3] = None  # run: a later cancel() is a no-op
                             break
                         self._cond.wait(wait)
                     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import math
 import os
 import queue
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -1409,3 +1411,31 @@ class TestKillStorm:
         assert ["first"] == [h.workflow_id for h in handles]
         assert S.COMPLETED == second.state
         assert [] == audit.of("kill_refused")
+
+
+class TestMemoryFreed:
+    """What a finished workflow held is freed once it is out of the history."""
+
+    class Payload:
+        """Something a hook holds on to (weak-referenceable)."""
+
+    def _run(self, term: Terminator, kill: bool) -> list[weakref.ref[Any]]:
+        payload = self.Payload()
+        with term.workflow("done") as wf:
+            termsafe.on_cleanup(lambda: payload)  # runs at the exit: its watchdog is armed
+            if kill:
+                term.kill("done", by=ADMIN)  # its forced-phase deadline is 30 s away
+                termsafe.checkpoint()
+        return [weakref.ref(wf), weakref.ref(payload)]
+
+    @pytest.mark.parametrize("kill", [False, True])
+    def test_workflow_and_hooks_freed_before_their_deadlines(
+        self, make_term: TermFactory, kill: bool
+    ) -> None:
+        """Neither a pending phase deadline nor a hook watchdog keeps a finished workflow alive."""
+        term = make_term(history=0)
+        refs = self._run(term, kill)
+        assert term.flush(WAIT)
+        gc.collect()
+        assert [None, None] == [ref() for ref in refs]
+        assert 0 == len(term)
