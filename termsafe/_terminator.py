@@ -134,6 +134,21 @@ def _storm() -> Iterator[None]:
                     sys.setswitchinterval(_storm_saved)
 
 
+def _check_kill_args(by: object, reason: object, force: object) -> None:
+    """The type checks ``kill()`` and ``kill_all()`` share.
+
+    Raises:
+        InvalidArgumentType: ``by`` is not a ``Principal``, ``reason`` not a
+            string, or ``force`` not a bool.
+    """
+    if not isinstance(by, Principal):
+        raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
+    if not isinstance(reason, str):
+        raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+    if not isinstance(force, bool):
+        raise InvalidArgumentType(f"force must be a bool (got {force!r})")
+
+
 def _storm_before_fork() -> None:
     # Held across the fork: a child never starts between a storm's interval
     # change and its count (the lock is only ever held for a few statements).
@@ -601,13 +616,9 @@ class Terminator:
                 string, or ``force`` not a bool.
             KillRefused: the workflow does not exist, ``by`` may not kill it, or
                 it has finished; ``.decision`` says which. The refusal is audited.
+            TerminatorClosed: the terminator is closed.
         """
-        if not isinstance(by, Principal):
-            raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
-        if not isinstance(reason, str):
-            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
-        if not isinstance(force, bool):
-            raise InvalidArgumentType(f"force must be a bool (got {force!r})")
+        _check_kill_args(by, reason, force)
         if not isinstance(workflow_id, str):
             raise InvalidArgumentType(f"workflow id must be a str (got {workflow_id!r})")
         return self._kill_checked(workflow_id, by, reason, force)
@@ -648,19 +659,18 @@ class Terminator:
 
         Workflows ``by`` may not kill are refused (and audited), not raised.
         While it runs, the interpreter's switch interval is raised to
-        ``STORM_SWITCH_INTERVAL`` (and restored after): the workflow threads
-        it is stopping would otherwise preempt it again and again.
+        ``STORM_SWITCH_INTERVAL`` if it was shorter (and set back after,
+        unless something else changed it meanwhile): the workflow threads it
+        is stopping would otherwise preempt it again and again. The interval
+        is process-wide while the storm lasts. A workflow whose lock is held
+        when the storm reaches it is killed after the others, with its
+        children.
 
         Raises:
             InvalidArgumentType: as for ``kill()``.
             TerminatorClosed: the terminator is closed.
         """
-        if not isinstance(by, Principal):
-            raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
-        if not isinstance(reason, str):
-            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
-        if not isinstance(force, bool):
-            raise InvalidArgumentType(f"force must be a bool (got {force!r})")
+        _check_kill_args(by, reason, force)
         if self._closed:
             raise TerminatorClosed("cannot kill: this terminator is closed")
 
@@ -704,14 +714,18 @@ class Terminator:
 
         For the host shutting down: signal handlers and supervisors call this.
         Only code that owns the process should; it is not reachable from a
-        principal's request. Like ``kill_all``, it raises the interpreter's
-        switch interval while it runs.
+        principal's request. Like ``kill_all``, it runs as one storm (the
+        interpreter's switch interval raised while it runs). A workflow that
+        ends on its own before the storm reaches it is skipped; children are
+        killed with their parents.
 
         Raises:
-            InvalidArgumentType: ``reason`` is not a string.
+            InvalidArgumentType: ``reason`` is not a string or ``force`` not a bool.
         """
         if not isinstance(reason, str):
             raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+        if not isinstance(force, bool):
+            raise InvalidArgumentType(f"force must be a bool (got {force!r})")
 
         def kill(wf: Workflow) -> KillHandle | None:
             if wf.parent is not None and wf.parent.kill is not None:

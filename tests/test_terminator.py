@@ -473,6 +473,25 @@ class TestEscalation:
         result()
         assert [ForcedTermination] == caught
 
+    @pytest.mark.parametrize(
+        ("call", "bad"),
+        [
+            (lambda t: t.kill_all(by="root"), "'root'"),
+            (lambda t: t.kill_all(by=ADMIN, reason=7), "7"),
+            (lambda t: t.kill_all(by=ADMIN, force="yes"), "'yes'"),
+            (lambda t: t.terminate_all(None), "None"),
+            (lambda t: t.terminate_all("stop", force=1), "1"),
+        ],
+    )
+    def test_bulk_kills_refuse_bad_arguments(
+        self, term: Terminator, call: Callable[[Terminator], object], bad: str
+    ) -> None:
+        """kill_all and terminate_all name a bad argument and kill nothing."""
+        with term.workflow("untouched") as wf:
+            with pytest.raises(InvalidArgumentType, match=re.escape(f"(got {bad})")):
+                call(term)
+            assert wf.kill is None
+
     def test_terminate_all(self, term: Terminator, audit: Audit, jobs: Jobs) -> None:
         """terminate_all kills every live workflow as the process, without a permission check."""
         ready = threading.Barrier(3, timeout=WAIT)
