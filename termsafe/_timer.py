@@ -109,19 +109,29 @@ class DeadlineTimer:
         return entry
 
     def cancel(self, entry: Entry | None) -> None:
-        """Drop a deadline's callback and argument (``None``, or one already run: no-op)."""
+        """Drop a deadline's callback and argument (``None``, or one already run: no-op).
+
+        Takes no lock (workflows call it as they end, and a lock here would be
+        one more that a kill storm's thread can find held by a thread waiting
+        for the GIL): the callback is cleared before the argument, and the
+        timer thread reads the argument before the callback, so it either sees
+        the callback gone or runs it with its argument. The count of cancelled
+        entries is approximate; compacting recounts under the lock.
+        """
         if entry is None or entry[2] is None:
             return
-        with self._lock:
-            if entry[2] is None:
-                return
-            entry[2] = entry[3] = None
-            self._cancelled += 1
-            heap = self._heap
-            if self._cancelled > _COMPACT_AFTER and 2 * self._cancelled > len(heap):
-                heap[:] = [e for e in heap if e[2] is not None]
-                heapq.heapify(heap)
-                self._cancelled = 0
+        entry[2] = entry[3] = None  # the callback first: see _run
+        self._cancelled += 1
+        if self._cancelled > _COMPACT_AFTER and 2 * self._cancelled > len(self._heap):
+            with self._lock:
+                heap = self._heap
+                live = [e for e in heap if e[2] is not None]
+                dead = len(heap) - len(live)
+                if 2 * dead > len(heap):
+                    heap[:] = live
+                    heapq.heapify(heap)
+                    dead = 0
+                self._cancelled = dead
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the timer thread as soon as possible."""
@@ -154,9 +164,10 @@ class DeadlineTimer:
                         wait = self._heap[0][0] - time.monotonic()
                         if wait <= 0:
                             entry = heapq.heappop(self._heap)
-                            fn, arg = entry[2], entry[3]
+                            arg = entry[3]  # before the callback: see cancel()
+                            fn = entry[2]
                             if fn is None:
-                                self._cancelled -= 1
+                                self._cancelled = max(0, self._cancelled - 1)
                                 continue
                             entry[2] = entry[3] = None  # run: a later cancel() is a no-op
                             break
