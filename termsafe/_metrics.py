@@ -121,6 +121,10 @@ class Recorder:
         self._hooked = type(self.hook) is not NoopMetricsHook
         self.metrics_hook_failures = 0
         self._lock = threading.Lock()
+        # Requests have a lock of their own: the thread issuing a kill storm
+        # must not find it held by an ending workflow's thread (recording its
+        # end under _lock) that is waiting for the GIL the storm holds.
+        self._requests_lock = threading.Lock()
         self.kills_requested = 0
         self.kills_refused = 0
         self.kills_succeeded = 0
@@ -134,7 +138,7 @@ class Recorder:
         self._cleanup_max: float | None = None
 
     def kill_requested(self, accepted: bool) -> None:
-        with self._lock:
+        with self._requests_lock:
             if accepted:
                 self.kills_requested += 1
             else:
@@ -197,7 +201,7 @@ class Recorder:
             self.events_dropped += 1
 
     def snapshot(self, orphans_alive: int) -> MetricsSnapshot:
-        with self._lock:
+        with self._requests_lock, self._lock:
             latency = sorted(self._latency)
             cleanup = sorted(self._cleanup)
             done = self.kills_succeeded + self.kills_failed
