@@ -34,6 +34,7 @@ __all__ = [
     "PRINCIPAL_KINDS",
     "Decision",
     "Principal",
+    "check_kill_args",
     "has_kill_permission",
 ]
 
@@ -151,6 +152,21 @@ NOT_FOUND: Final = Decision(False, "Workflow not found")
 NO_PERMISSION: Final = Decision(False, "Insufficient permissions")
 FINISHED: Final = Decision(False, "Cannot kill finished workflow")
 IN_SECTION: Final = Decision(False, "Workflow in critical section")
+
+
+def check_kill_args(by: object, reason: object, force: object) -> None:
+    """The argument checks every kill request shares (a terminator's, a supervisor's).
+
+    Raises:
+        InvalidArgumentType: ``by`` is not a ``Principal``, ``reason`` not a
+            string, or ``force`` not a bool.
+    """
+    if not isinstance(by, Principal):
+        raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
+    if not isinstance(reason, str):
+        raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
+    if not isinstance(force, bool):
+        raise InvalidArgumentType(f"force must be a bool (got {force!r})")
 
 
 def has_kill_permission(

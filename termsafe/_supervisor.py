@@ -319,12 +319,7 @@ class Supervisor:
             KillRefused: ``by`` may not kill the run, or it is not running (not
                 started, or finished); the refusal is audited.
         """
-        if not isinstance(by, Principal):
-            raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
-        if not isinstance(reason, str):
-            raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
-        if not isinstance(force, bool):
-            raise InvalidArgumentType(f"force must be a bool (got {force!r})")
+        perms.check_kill_args(by, reason, force)
         return self._request_kill(by, reason, force, check=True)
 
     def run(self) -> int:

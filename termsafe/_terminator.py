@@ -134,21 +134,6 @@ def _storm() -> Iterator[None]:
                     sys.setswitchinterval(_storm_saved)
 
 
-def _check_kill_args(by: object, reason: object, force: object) -> None:
-    """The type checks ``kill()`` and ``kill_all()`` share.
-
-    Raises:
-        InvalidArgumentType: ``by`` is not a ``Principal``, ``reason`` not a
-            string, or ``force`` not a bool.
-    """
-    if not isinstance(by, Principal):
-        raise InvalidArgumentType(f"by must be a Principal (got {by!r})")
-    if not isinstance(reason, str):
-        raise InvalidArgumentType(f"reason must be a str (got {reason!r})")
-    if not isinstance(force, bool):
-        raise InvalidArgumentType(f"force must be a bool (got {force!r})")
-
-
 def _storm_before_fork() -> None:
     # Held across the fork: a child never starts between a storm's interval
     # change and its count (the lock is only ever held for a few statements).
@@ -618,7 +603,7 @@ class Terminator:
                 it has finished; ``.decision`` says which. The refusal is audited.
             TerminatorClosed: the terminator is closed.
         """
-        _check_kill_args(by, reason, force)
+        perms.check_kill_args(by, reason, force)
         if not isinstance(workflow_id, str):
             raise InvalidArgumentType(f"workflow id must be a str (got {workflow_id!r})")
         return self._kill_checked(workflow_id, by, reason, force)
@@ -670,7 +655,7 @@ class Terminator:
             InvalidArgumentType: as for ``kill()``.
             TerminatorClosed: the terminator is closed.
         """
-        _check_kill_args(by, reason, force)
+        perms.check_kill_args(by, reason, force)
         if self._closed:
             raise TerminatorClosed("cannot kill: this terminator is closed")
 

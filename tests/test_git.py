@@ -595,6 +595,27 @@ with git_operation(repo, store=store, git=git, env={"TERMSAFE_TEST_FIFO": fifo})
 )
 
 
+def _git_hanging_in(tmp_path: Path, subcommand: str, then: str) -> Path:
+    """A git wrapper that, on ``subcommand``, takes index.lock, runs ``then`` and hangs.
+
+    Any other command goes to the real git. Returns the wrapper's path.
+    """
+    real_git = shutil.which("git")
+    assert real_git is not None
+    wrapper = tmp_path / "git-wrapper"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" {subcommand} "*)\n'
+        f'  : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
+        f"  {then}\n"
+        "  exec sleep 600;;\n"
+        "esac\n"
+        f'exec {shlex.quote(real_git)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def _read_line(fd: int, timeout: float = WAIT) -> str:
     """One line from ``fd``, within ``timeout`` seconds."""
     data = b""
@@ -633,20 +654,8 @@ class TestSweep:
     ) -> None:
         """A SIGKILL while ``write-tree`` holds index.lock on entry: the sweep removes the lock."""
         mark = tmp_path / "mark"
-        real_git = shutil.which("git")
-        assert real_git is not None
-        wrapper = tmp_path / "git-wrapper"
         # write-tree takes index.lock on entry; this one takes it and then hangs there.
-        wrapper.write_text(
-            "#!/bin/sh\n"
-            'case " $* " in *" write-tree "*)\n'
-            f'  : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
-            f"  : > {shlex.quote(str(mark))}\n"
-            "  exec sleep 60;;\n"
-            "esac\n"
-            f'exec {shlex.quote(real_git)} "$@"\n'
-        )
-        wrapper.chmod(0o755)
+        wrapper = _git_hanging_in(tmp_path, "write-tree", f": > {shlex.quote(str(mark))}")
         code = (
             "import sys\n"
             "from termsafe import git_operation\n"
@@ -687,20 +696,8 @@ class TestSweep:
         self, tmp_path: Path, repo: Path, store: SQLiteStore
     ) -> None:
         """A git child whose parent died before journaling its pid is stopped by recover (token)."""
-        real_git = shutil.which("git")
-        assert real_git is not None
-        wrapper = tmp_path / "git-wrapper"
         # git commit takes index.lock; this one takes it, reports, and hangs there.
-        wrapper.write_text(
-            "#!/bin/sh\n"
-            'case " $* " in *" commit "*)\n'
-            f'  : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
-            '  echo "ready $$" > "$TERMSAFE_TEST_FIFO"\n'
-            "  exec sleep 600;;\n"
-            "esac\n"
-            f'exec {shlex.quote(real_git)} "$@"\n'
-        )
-        wrapper.chmod(0o755)
+        wrapper = _git_hanging_in(tmp_path, "commit", 'echo "ready $$" > "$TERMSAFE_TEST_FIFO"')
         fifo = tmp_path / "ready.fifo"
         os.mkfifo(fifo)
         reader = os.open(fifo, os.O_RDWR)  # never blocks, and never sees EOF
