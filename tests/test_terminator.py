@@ -492,6 +492,24 @@ class TestEscalation:
                 call(term)
             assert wf.kill is None
 
+    def test_kill_all_on_a_closed_terminator(self, make_term: TermFactory) -> None:
+        """kill_all on a closed terminator raises TerminatorClosed, even with nothing live."""
+        term = make_term()
+        term.close()
+        with pytest.raises(termsafe.TerminatorClosed, match="closed"):
+            term.kill_all(by=ADMIN)
+
+    def test_a_kill_does_not_wait_for_an_ending_workflows_metrics(
+        self, term: Terminator, jobs: Jobs
+    ) -> None:
+        """kill() returns while the lock that records workflow ends is held elsewhere."""
+        with term.workflow("k"):
+            with term._recorder._lock:  # as an ending workflow's thread would hold it
+                job = jobs.start(lambda: term.kill("k", by=ADMIN))
+                handle = job.result()
+            assert "k" == handle.workflow_id
+            termsafe.checkpoint()
+
     def test_terminate_all(self, term: Terminator, audit: Audit, jobs: Jobs) -> None:
         """terminate_all kills every live workflow as the process, without a permission check."""
         ready = threading.Barrier(3, timeout=WAIT)

@@ -82,6 +82,23 @@ class TestCancel:
         timer.cancel(None)
         assert 0 == timer._cancelled
 
+    def test_cancel_takes_no_lock(self, timer: DeadlineTimer) -> None:
+        """cancel() returns while another thread holds the timer's lock."""
+        entry = timer.call_at(time.monotonic() + 3600, print)
+        done = threading.Event()
+
+        def cancel() -> None:
+            timer.cancel(entry)
+            done.set()
+
+        with timer._lock:
+            thread = threading.Thread(target=cancel)
+            thread.start()
+            cancelled = done.wait(WAIT)
+        thread.join(WAIT)
+        assert cancelled
+        assert None is entry[2]
+
     def test_many_cancelled_entries_are_compacted(self, timer: DeadlineTimer) -> None:
         """Once cancelled entries pass a floor and fill half the heap, they are dropped."""
         far = time.monotonic() + 3600  # nothing here comes due during the test
