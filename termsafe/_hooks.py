@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 
 from ._exceptions import InvalidArgumentType
 
-__all__ = ["Hook", "HookKind", "HookStack", "hook_name"]
+__all__ = ["Hook", "HookKind", "HookStack", "HookStackClosed", "hook_name"]
 
 HookKind = Literal["rollback", "cleanup"]
 HOOK_KINDS: Final = ("cleanup", "rollback")
@@ -28,6 +28,18 @@ RUNNING: Final = 1
 DONE: Final = 2
 REMOVED: Final = 3
 DISCARDED: Final = 4
+
+
+class HookStackClosed(Exception):
+    """``HookStack.push`` after ``close()``: the hook was not registered.
+
+    The hook comes with it, already marked running (``RUNNING``), so that the
+    caller can run it at once, as the one who ever will.
+    """
+
+    def __init__(self, hook: Hook) -> None:
+        super().__init__(f"the hook stack is closed: {hook.kind} hook {hook.name} not registered")
+        self.hook = hook
 
 
 def hook_name(fn: Callable[..., Any]) -> str:
@@ -75,26 +87,46 @@ class Hook:
 class HookStack:
     """A LIFO stack of hooks; every method is thread-safe."""
 
-    __slots__ = ("_hooks", "_lock", "running")
+    __slots__ = ("_closed", "_hooks", "_lock", "running")
 
-    def __init__(self) -> None:
+    def __init__(self, *, closed: bool = False) -> None:
         self._lock = threading.Lock()
         self._hooks: list[Hook] = []
         #: The hook being run right now, if any (for the hanging-hook watchdog).
         self.running: Hook | None = None
+        self._closed = closed
 
     def push(self, fn: Callable[[], Any], kind: HookKind) -> Hook:
         """Register ``fn`` on top of the stack.
 
         Raises:
             InvalidArgumentType: ``fn`` is not callable.
+            HookStackClosed: the stack is closed (``close()``); the hook it
+                carries is not on the stack and nobody else will run it.
         """
         if not callable(fn):
             raise InvalidArgumentType(f"a {kind} hook must be callable (got {fn!r})")
         hook = Hook(fn, kind)
         with self._lock:
-            self._hooks.append(hook)
-        return hook
+            if not self._closed:
+                self._hooks.append(hook)
+                return hook
+            hook.state = RUNNING
+        raise HookStackClosed(hook)
+
+    def close(self) -> None:
+        """Refuse every later ``push``; hooks already on the stack stay to be claimed.
+
+        The terminator closes a workflow's stack as it takes the hooks over:
+        whatever its sweep will not find, it must not accept either.
+        """
+        with self._lock:
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``push`` is refused (``close()`` was called)."""
+        return self._closed
 
     def remove(self, hook: Hook) -> bool:
         """Take ``hook`` off the stack if it has not started; return whether it was removed."""

@@ -868,6 +868,9 @@ class IdempotentCall:
             AlreadyRecorded: the call was replayed (this run did not perform it).
             LeaseLost: another run took the key over; nothing was registered.
             ConfigurationError: called outside the call's ``with`` block.
+            ForcedTermination: the terminator took the workflow's hooks over
+                (system phase, or a hook that hung): the compensation, already
+                recorded, has run at once (at most once, as always).
         """
         if not callable(fn):
             raise InvalidArgumentType(f"a compensation must be callable (got {fn!r})")
@@ -898,9 +901,11 @@ class IdempotentCall:
                 if not self._discarding:
                     # Below the compensations: when the workflow succeeds the
                     # rollback hooks are dropped and this forgets them durably.
-                    wf.hooks.push(self._discard_pending, "cleanup")
+                    # (A workflow the terminator took over never succeeds.)
+                    wf.push_hook_if_open(self._discard_pending, "cleanup")
                     self._discarding = True
-                wf.hooks.push(comp, "rollback")
+                # Taken over: the compensation runs now, then ForcedTermination.
+                wf.push_hook(comp, "rollback")
             self._comps.append(comp)
 
     # -- async ------------------------------------------------------------------------

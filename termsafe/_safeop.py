@@ -13,23 +13,21 @@ its own enter/commit/rollback steps. Outside a workflow it keeps the same
 guarantees for its own operation: the rollback runs on error directly.
 
 In a workflow the terminator has taken over (its system phase, or a hook that
-hung), the stack may already have been swept: a hook registered then would
-never run. Registering one instead runs it at once, in the caller's thread,
-and raises ``ForcedTermination``: the operation undoes what it did so far
-and does not start.
+hung), the hook stack is closed: a hook registered then would never run.
+Registering one instead runs it at once, in the caller's thread, and raises
+``ForcedTermination``: the operation undoes what it did so far and does not
+start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final
 
-from ._exceptions import ForcedTermination
 from ._hooks import Hook, HookKind
 from ._sections import CriticalSection, critical_section, shielded
 from ._workflow import Workflow, current_workflow
@@ -151,8 +149,8 @@ class OperationScope:
         """Register ``fn`` to undo the operation if it does not commit.
 
         Raises:
-            ForcedTermination: the terminator has taken the workflow over (see
-                ``_register``); ``fn`` has run.
+            ForcedTermination: the terminator has taken the workflow over
+                (``Workflow.push_hook``); ``fn`` has run.
         """
         self._register(fn, "rollback")
 
@@ -160,8 +158,8 @@ class OperationScope:
         """Register ``fn`` to run however the operation ends.
 
         Raises:
-            ForcedTermination: the terminator has taken the workflow over (see
-                ``_register``); ``fn`` has run.
+            ForcedTermination: the terminator has taken the workflow over
+                (``Workflow.push_hook``); ``fn`` has run.
         """
         self._register(fn, "cleanup")
 
@@ -170,35 +168,10 @@ class OperationScope:
         if wf is None:
             self._local_rollbacks.append(fn)
             return
-        hook = wf.hooks.push(fn, kind)
-        if not wf.abandoned:
-            # Checked after the push: a takeover that comes later starts its
-            # sweep of the stack later too, and finds this hook there.
-            self._hooks.append(hook)
-            return
-        self._taken_over(wf, hook)
-
-    def _taken_over(self, wf: Workflow, hook: Hook) -> NoReturn:
-        """The terminator took the workflow's hooks over (system phase, or a hung hook).
-
-        Its sweep of the stack may be over: a hook pushed now would never run.
-        ``hook`` is the undo of what the operation already did (a temp made, a
-        child started, a claim taken), so it runs here, now, once, audited
-        like any hook the workflow runs; and the operation does not start, as
-        nothing in a workflow taken over does (``on_rollback``, ``spawn``,
-        entering a section): ``ForcedTermination``.
-        """
-        if wf.hooks.remove(hook):
-            started = time.monotonic()
-            error: BaseException | None = None
-            try:
-                hook.fn()
-            except Exception as exc:
-                log.exception("termsafe: %s hook of %s failed", hook.kind, self.name)
-                error = exc
-            wf.terminator._hook_event(wf, hook, started, error, "workflow")
-        # Else the terminator's sweep claimed it after all: it runs it (once).
-        raise ForcedTermination(wf.id, wf.kill_reason)
+        # In a workflow the terminator took over, ``fn`` (the undo of what the
+        # operation already did: a temp made, a child started, a claim taken)
+        # runs at once and the operation does not start: ForcedTermination.
+        self._hooks.append(wf.push_hook(fn, kind))
 
     def journal(self, kind: JournalKind, payload: dict[str, Any]) -> int | None:
         """Journal something a crash would leave behind; return the entry id."""

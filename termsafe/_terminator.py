@@ -52,7 +52,7 @@ from ._exceptions import (
     WaitTimeout,
     WorkflowNotFound,
 )
-from ._hooks import Hook, HookStack
+from ._hooks import DONE, Hook, HookStack
 from ._metrics import MetricsHook, MetricsSnapshot, Recorder
 from ._permissions import Decision, KillPolicy, Principal
 from ._sections import CriticalSection, SectionKinds, validate_seconds
@@ -1012,7 +1012,7 @@ class Terminator:
             if time.monotonic() < request.system_at - 0.001:
                 return  # a stale deadline: an escalation moved it
             request.phase = "system"
-            wf.abandoned = True
+            wf.take_over()
             wf.transition(S.KILLED)
             wf.wake()
             thread = wf.thread
@@ -1309,8 +1309,11 @@ class Terminator:
         if stack.finish(hook):
             self._hook_event(wf, hook, started, error, "workflow")
 
-    def _run_hook_bounded(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
-        """Run a claimed hook for an abandoned workflow, giving up after hook_timeout."""
+    def _run_hook_bounded(self, wf: Workflow, stack: HookStack | None, hook: Hook) -> None:
+        """Run a claimed hook for an abandoned workflow, giving up after hook_timeout.
+
+        ``stack`` is ``None`` for a hook the closed stack refused (it was never on it).
+        """
         started = time.monotonic()
         box: list[BaseException | None] = [None]
 
@@ -1323,11 +1326,42 @@ class Terminator:
         runner = threading.Thread(target=target, name=f"termsafe-hook-{hook.name}", daemon=True)
         runner.start()
         runner.join(self.hook_timeout or None)
-        if runner.is_alive() and stack.abandon_if_running(hook):
+        if runner.is_alive() and (stack is None or stack.abandon_if_running(hook)):
             self._hook_timed_out(wf, hook)
             return
-        if stack.finish(hook):
-            self._hook_event(wf, hook, started, box[0], "terminator")
+        if stack is None:
+            hook.state = DONE
+        elif not stack.finish(hook):
+            return
+        self._hook_event(wf, hook, started, box[0], "terminator")
+
+    def _run_refused_hook(self, wf: Workflow, hook: Hook) -> None:
+        """Run a hook pushed after the takeover closed the stack: now, once, audited.
+
+        A plain function runs here, in the caller's thread, as the workflow's
+        own hooks do (shielded: a checkpoint inside it does not raise); a
+        coroutine function cannot be awaited from here, so a terminator worker
+        runs it, bounded by ``hook_timeout``, as the system phase's sweep does.
+        A ``KeyboardInterrupt``/``SystemExit`` from the hook propagates.
+        """
+        if hook.is_async:
+            self._start_worker(
+                lambda: self._run_hook_bounded(wf, None, hook), None, f"termsafe-hooks-{wf.id}"
+            )
+            return
+        started = time.monotonic()
+        error: BaseException | None = None
+        wf.shield_depth += 1
+        try:
+            self._call_hook(hook)
+        except BaseException as exc:
+            error = exc
+        finally:
+            wf.shield_depth -= 1
+        hook.state = DONE
+        self._hook_event(wf, hook, started, error, "workflow")
+        if error is not None and not isinstance(error, (Exception, Terminated)):
+            raise error
 
     def _hook_watchdog(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
         """A hook the workflow is running overran hook_timeout: run the rest without it."""
@@ -1336,7 +1370,7 @@ class Terminator:
         with wf.lock:
             # From now on the terminator owns the hooks: the workflow's thread,
             # when the hung hook returns, must not claim more beside take_over.
-            wf.abandoned = True
+            wf.take_over()
         self._hook_timed_out(wf, hook)
 
         def take_over() -> None:

@@ -27,7 +27,7 @@ from ._exceptions import (
     NoActiveWorkflow,
     Terminated,
 )
-from ._hooks import Hook, HookStack
+from ._hooks import Hook, HookKind, HookStack, HookStackClosed
 from ._states import WorkflowState, check_transition, is_terminal
 from ._validate import validate_seconds
 
@@ -185,8 +185,54 @@ class Workflow:
             with self.lock:
                 stack = self._hooks
                 if stack is None:
-                    stack = self._hooks = HookStack()
+                    # Made after a takeover: closed like the one it would have swept.
+                    stack = self._hooks = HookStack(closed=self.abandoned)
         return stack
+
+    def take_over(self) -> None:
+        """The terminator owns the hooks from now on (lock held).
+
+        The workflow's own thread will run no more of them (``abandoned``),
+        and the stack refuses new ones: a hook pushed after the terminator's
+        sweep would never run. ``push_hook`` runs such a hook at once instead.
+        """
+        self.abandoned = True
+        stack = self._hooks
+        if stack is not None:
+            stack.close()
+
+    def push_hook(self, fn: Callable[[], Any], kind: HookKind) -> Hook:
+        """Register a hook; if the terminator took the hooks over, run it at once.
+
+        A hook the stack refuses (``take_over``) is the undo of something
+        already done, and nobody else will ever run it: it runs here, now,
+        once, audited like any hook the workflow runs (a coroutine function in
+        a terminator worker thread), and the caller's work stops with
+        ``ForcedTermination``, as everything in a workflow taken over does.
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+            ForcedTermination: the stack refused the hook (after running it).
+        """
+        try:
+            return self.hooks.push(fn, kind)
+        except HookStackClosed as closed:
+            self.terminator._run_refused_hook(self, closed.hook)
+        raise ForcedTermination(self.id, self.kill_reason)
+
+    def push_hook_if_open(self, fn: Callable[[], Any], kind: HookKind) -> Hook | None:
+        """Register a hook, or drop it unrun (``None``) if the terminator took the hooks over.
+
+        For a hook that only matters when the workflow succeeds, which a
+        workflow taken over never does.
+
+        Raises:
+            InvalidArgumentType: ``fn`` is not callable.
+        """
+        try:
+            return self.hooks.push(fn, kind)
+        except HookStackClosed:
+            return None
 
     @property
     def pending_hooks(self) -> int:
@@ -890,6 +936,13 @@ def _require_workflow(what: str) -> Workflow:
     return wf
 
 
+def _hook_target(what: str) -> Workflow:
+    wf = _current.get()
+    if wf is None:
+        raise NoActiveWorkflow(f"{what} needs a workflow in scope; call it inside workflow(...)")
+    return wf
+
+
 def on_rollback(fn: Callable[[], Any]) -> Hook:
     """Register ``fn`` to run if the current workflow fails or is killed.
 
@@ -902,10 +955,12 @@ def on_rollback(fn: Callable[[], Any]) -> Hook:
     Raises:
         NoActiveWorkflow: no workflow is in scope.
         InvalidArgumentType: ``fn`` is not callable.
-        ForcedTermination: the system phase took the workflow over (its hooks
-            already ran; a new one never would).
+        ForcedTermination: the terminator took the workflow's hooks over (its
+            system phase, or a hook that hung): a hook registered now would
+            never run, so ``fn`` has run at once, here (a coroutine function in
+            a terminator worker thread), before this is raised.
     """
-    return _require_workflow("on_rollback()").hooks.push(fn, "rollback")
+    return _hook_target("on_rollback()").push_hook(fn, "rollback")
 
 
 def on_cleanup(fn: Callable[[], Any]) -> Hook:
@@ -917,7 +972,9 @@ def on_cleanup(fn: Callable[[], Any]) -> Hook:
     Raises:
         NoActiveWorkflow: no workflow is in scope.
         InvalidArgumentType: ``fn`` is not callable.
-        ForcedTermination: the system phase took the workflow over (its hooks
-            already ran; a new one never would).
+        ForcedTermination: the terminator took the workflow's hooks over (its
+            system phase, or a hook that hung): a hook registered now would
+            never run, so ``fn`` has run at once, here (a coroutine function in
+            a terminator worker thread), before this is raised.
     """
-    return _require_workflow("on_cleanup()").hooks.push(fn, "cleanup")
+    return _hook_target("on_cleanup()").push_hook(fn, "cleanup")

@@ -201,9 +201,15 @@ def kill_during_commit(
 
 
 def in_taken_over_workflow(
-    term: ts.Terminator, jobs: Jobs, fn: Callable[[], object]
+    term: ts.Terminator,
+    jobs: Jobs,
+    fn: Callable[[], object],
+    *,
+    before: Callable[[], object] | None = None,
 ) -> tuple[ts.Workflow, BaseException | None]:
     """Run ``fn`` in a thread workflow once the system phase has taken it over and swept its hooks.
+
+    ``before``, if given, runs in the workflow first, before the kill.
 
     Returns:
         The workflow and what ``fn`` raised (``None`` if it returned).
@@ -216,6 +222,8 @@ def in_taken_over_workflow(
     def body() -> None:
         with term.workflow("w") as wf:
             seen.append(wf)
+            if before is not None:
+                before()
             entered.set()
             go.wait(WAIT)  # stuck: never reaches a cancellation point
             try:

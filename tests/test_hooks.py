@@ -23,7 +23,7 @@ from termsafe import (
     Workflow,
     WorkflowState,
 )
-from termsafe._hooks import HookStack
+from termsafe._hooks import RUNNING, HookStack, HookStackClosed
 
 S = WorkflowState
 ADMIN = Principal("root", roles=("admin",))
@@ -89,6 +89,30 @@ class TestHookStack:
         stack = HookStack()
         hooks = [stack.push(lambda: None, "cleanup"), stack.push(lambda: None, "rollback")]
         assert hooks == stack.snapshot()
+
+    def test_closed_stack_refuses_push_and_keeps_what_it_holds(self) -> None:
+        """After close() a push is refused, its hook handed back; earlier hooks stay claimable."""
+        stack = HookStack()
+        kept = stack.push(lambda: None, "rollback")
+        stack.close()
+        late = recorder([], "late")
+        with pytest.raises(HookStackClosed) as refused:
+            stack.push(late, "cleanup")
+        assert (late, "cleanup", RUNNING) == (
+            refused.value.hook.fn,
+            refused.value.hook.kind,
+            refused.value.hook.state,
+        )
+        assert stack.closed
+        assert [kept] == stack.snapshot()
+        assert kept is stack.claim(include_rollback=True)
+        assert stack.claim(include_rollback=True) is None
+
+    def test_closed_stack_still_checks_the_hook(self) -> None:
+        """A closed stack still names a hook that is not callable, before refusing anything."""
+        stack = HookStack(closed=True)
+        with pytest.raises(InvalidArgumentType, match="got 42"):
+            stack.push(42, "rollback")  # type: ignore[arg-type]
 
 
 # One operation of the hook-order property: register a hook of a kind, or remove

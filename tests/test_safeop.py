@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 from _kills import in_taken_over_workflow
-from conftest import Audit, Jobs, TermFactory
+from conftest import WAIT, Audit, Jobs, TermFactory
 
 import termsafe as ts
+from termsafe._hooks import HookStack, HookStackClosed
 from termsafe._safeop import OperationScope
 
 #: A ladder that reaches the system phase at once.
@@ -78,6 +80,95 @@ class TestRegisterAfterTakeover:
         assert ["report.txt"] == sorted(p.name for p in tmp_path.iterdir())
         assert "old" == target.read_text()
         assert 0 == wf.pending_hooks
+
+
+class TestPublicHooksAfterTakeover:
+    """``on_rollback``/``on_cleanup`` in a workflow whose hooks the terminator took over."""
+
+    def test_on_rollback_runs_the_hook_here_once(self, make_term: TermFactory, jobs: Jobs) -> None:
+        """on_rollback() after the takeover runs the hook at once, audits it, then raises."""
+        sink = ts.MemorySink()
+        term = make_term(SHORT, sink=sink)
+        undone: list[str] = []
+
+        def undo() -> None:
+            undone.append(threading.current_thread().name)
+
+        wf, error = in_taken_over_workflow(term, jobs, lambda: ts.on_rollback(undo))
+        assert isinstance(error, ts.ForcedTermination), error
+        assert ["test-job"] == undone
+        assert 0 == wf.pending_hooks
+        [ran] = Audit(term, sink).of("hook_ran", "w")
+        assert ("undo", "rollback", "workflow") == (
+            ran.details["hook"].rsplit(".", 1)[-1],
+            ran.details["kind"],
+            ran.details["ran_by"],
+        )
+
+    def test_push_that_passed_every_check_before_the_takeover_is_refused(
+        self, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A push reaching the stack after the sweep (checks done before) is refused, not lost."""
+        term = make_term(SHORT)
+        stacks: list[HookStack] = []
+
+        def fetch() -> None:
+            wf = ts.current_workflow()
+            assert wf is not None
+            stacks.append(wf.hooks)
+
+        refused: list[HookStackClosed] = []
+
+        def late_push() -> None:
+            # Fetched while the workflow ran, pushed to once the sweep is over:
+            # what a register call that looked before the takeover does next.
+            try:
+                stacks[0].push(lambda: None, "rollback")
+            except HookStackClosed as exc:
+                refused.append(exc)
+
+        wf, error = in_taken_over_workflow(term, jobs, late_push, before=fetch)
+        assert error is None
+        assert 1 == len(refused)
+        assert 0 == wf.pending_hooks
+
+    def test_stack_made_after_the_takeover_is_closed(
+        self, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A workflow with no hooks when taken over gets a closed stack, not a fresh open one."""
+        term = make_term(SHORT)
+        cleaned: list[bool] = []
+
+        wf, error = in_taken_over_workflow(
+            term, jobs, lambda: ts.on_cleanup(lambda: cleaned.append(True))
+        )
+        assert isinstance(error, ts.ForcedTermination), error
+        assert wf.hooks.closed
+        assert [True] == cleaned
+        assert 0 == wf.pending_hooks
+
+    def test_async_hook_runs_once_in_a_terminator_worker(
+        self, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A coroutine function registered after the takeover is awaited once, by a worker."""
+        sink = ts.MemorySink()
+        term = make_term(SHORT, sink=sink)
+        ran_in: list[str] = []
+        done = threading.Event()
+
+        async def undo() -> None:
+            await anyio.sleep(0)
+            ran_in.append(threading.current_thread().name)
+            done.set()
+
+        _wf, error = in_taken_over_workflow(term, jobs, lambda: ts.on_rollback(undo))
+        assert isinstance(error, ts.ForcedTermination), error
+        assert done.wait(WAIT)
+        term.close()  # waits for the terminator's workers, then delivers their events
+        assert 1 == len(ran_in)
+        assert ran_in[0].startswith("termsafe-hook")
+        [ran] = [e for e in sink.events if e.type == "hook_ran" and e.workflow_id == "w"]
+        assert "terminator" == ran.details["ran_by"]
 
 
 class TestScopeGivenItsWorkflow:
