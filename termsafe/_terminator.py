@@ -1264,15 +1264,20 @@ class Terminator:
 
             anyio.run(run)
 
-    def _run_hook_inline(self, wf: Workflow, stack: HookStack, hook: Hook) -> BaseException | None:
+    def _run_hook_inline(
+        self, wf: Workflow, stack: HookStack | None, hook: Hook
+    ) -> BaseException | None:
         """Run a claimed hook in the unwinding workflow's own thread.
+
+        ``stack`` is ``None`` for a hook the closed stack refused: the
+        terminator owns the workflow already, so no watchdog hands the rest over.
 
         Returns a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt,
         SystemExit) for the caller to re-raise after the remaining hooks.
         """
         started = time.monotonic()
         watchdog = None
-        if self.hook_timeout:
+        if self.hook_timeout and stack is not None:
             watchdog = self._timer.call_at(
                 started + self.hook_timeout, lambda: self._hook_watchdog(wf, stack, hook)
             )
@@ -1286,7 +1291,10 @@ class Terminator:
             wf.shield_depth -= 1
             # Returned in time: the watchdog (and the workflow it holds) can go.
             self._timer.cancel(watchdog)
-        if stack.finish(hook):
+        if stack is None:
+            hook.state = DONE
+            self._hook_event(wf, hook, started, error, "workflow")
+        elif stack.finish(hook):
             self._hook_event(wf, hook, started, error, "workflow")
         if error is not None and not isinstance(error, (Exception, Terminated)):
             return error
@@ -1349,18 +1357,8 @@ class Terminator:
                 lambda: self._run_hook_bounded(wf, None, hook), None, f"termsafe-hooks-{wf.id}"
             )
             return
-        started = time.monotonic()
-        error: BaseException | None = None
-        wf.shield_depth += 1
-        try:
-            self._call_hook(hook)
-        except BaseException as exc:
-            error = exc
-        finally:
-            wf.shield_depth -= 1
-        hook.state = DONE
-        self._hook_event(wf, hook, started, error, "workflow")
-        if error is not None and not isinstance(error, (Exception, Terminated)):
+        error = self._run_hook_inline(wf, None, hook)
+        if error is not None:
             raise error
 
     def _hook_watchdog(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
