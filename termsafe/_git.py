@@ -24,10 +24,14 @@ adds the missing half:
             tree (SIGTERM, which makes git delete its own locks, then SIGKILL),
             remove the stale locks and temp objects it left (only those no
             live git may hold), put the recorded refs, ``HEAD`` and the index
-            back, and audit it
+            back, and audit it; the git commands of this step are journaled
+            too, all under one ``child_process`` entry written before the
+            first starts (its token in the environment of each)
 
 After a SIGKILL of the whole process, the recovery sweeper does the exit step
-from the journal: ``sweep_stale_lock(payload)``.
+from the journal: ``sweep_stale_lock(payload)``. Every git command termsafe
+runs in a repository goes through ``_popen``, a ``ChildEntry``'s token in its
+environment: ``recover()`` stops whatever a dead process left running there.
 
 The working tree is never touched: a rolled-back commit's changes stay in the
 files, uncommitted.
@@ -146,21 +150,26 @@ def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
     return base
 
 
-def _run_plain(
-    git: str,
+def _popen(
+    child: ChildEntry,
+    argv: Sequence[str],
     cwd: str,
     env: Mapping[str, str],
-    args: Sequence[str],
-    *,
-    input_text: str | None = None,
-    timeout: float = RESTORE_TIMEOUT,
-) -> GitResult:
-    """Run one git command to its end (rollbacks and sweeps: never interrupted)."""
-    argv = (git, *_GIT_OPTIONS, *args)
-    proc = subprocess.Popen(
+    input_text: str | None,
+) -> subprocess.Popen[str]:
+    """Start one git command in its own session, ``child``'s token in its environment.
+
+    Every git command termsafe runs in a repository starts here, with its
+    journal entry (``child``) written before: a SIGKILL of this process at
+    any moment leaves an entry by which ``recover()`` finds and stops it.
+
+    Raises:
+        OSError: git could not be started (``child``'s entry is forgotten).
+    """
+    return child.popen(
         argv,
         cwd=cwd,
-        env=dict(env),
+        env=env,
         stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -168,14 +177,64 @@ def _run_plain(
         errors="surrogateescape",
         start_new_session=True,
     )
-    try:
-        out, err = proc.communicate(input_text, timeout=timeout)
-    except BaseException:
-        kill_tree(proc.pid, None, timeout=STOP_TIMEOUT)
-        proc.wait()
-        _close_pipes(proc)
-        raise
-    return GitResult((git, *args), proc.returncode, out, err)
+
+
+class _PlainRuns:
+    """The git commands of one rollback or sweep, each run to its end, under one journal entry.
+
+    One ``child_process`` entry, written on creation (before the first
+    command), covers them all: each command gets its token in its
+    environment, so a SIGKILL of this process while one runs leaves an entry
+    by which ``recover()`` finds and stops it, and what it started. Neither
+    an entry nor a pid per command: the token finds each command as well,
+    and a rollback's five commands cost two store writes, not fifteen.
+    ``close()`` forgets the entry once no command of it can still run.
+
+    Called as ``run(args, input_text=None) -> GitResult``. A command that
+    cannot start (``OSError``) ends the entry with it (``ChildEntry.popen``);
+    its caller runs no further command.
+    """
+
+    __slots__ = ("_child", "_cwd", "_env", "_git", "_unreaped")
+
+    def __init__(
+        self,
+        git: str,
+        cwd: str,
+        env: Mapping[str, str],
+        store: Any,
+        workflow_id: str | None,
+        step: str,
+    ) -> None:
+        self._git = git
+        self._cwd = cwd
+        self._env = env
+        self._unreaped = False
+        self._child = ChildEntry(store, workflow_id, {"argv": [git], "cwd": cwd, "step": step})
+
+    def __call__(self, args: Sequence[str], input_text: str | None = None) -> GitResult:
+        """Run ``git <args>`` to its end (a rollback or sweep is never interrupted)."""
+        # Until the child is known reaped: a start cut short by a BaseException
+        # may have left one about to exec, which only the entry still finds.
+        self._unreaped = True
+        proc = _popen(
+            self._child, (self._git, *_GIT_OPTIONS, *args), self._cwd, self._env, input_text
+        )
+        try:
+            out, err = proc.communicate(input_text, timeout=RESTORE_TIMEOUT)
+        except BaseException:
+            kill_tree(proc.pid, None, timeout=STOP_TIMEOUT)
+            proc.wait()
+            _close_pipes(proc)
+            raise
+        finally:
+            self._unreaped = proc.poll() is None
+        return GitResult((self._git, *args), proc.returncode, out, err)
+
+    def close(self) -> None:
+        """Forget the journal entry, unless a command of it may still run."""
+        if not self._unreaped:
+            self._child.forget()
 
 
 def _close_pipes(proc: subprocess.Popen[str]) -> None:
@@ -377,7 +436,7 @@ def _payload_paths(payload: Mapping[str, Any]) -> tuple[str, Path, Path, list[st
     return repo, git_dir, common_dir, roots
 
 
-def sweep_stale_lock(payload: dict[str, Any]) -> bool:
+def sweep_stale_lock(payload: dict[str, Any], *, store: Any = None) -> bool:
     """Recover a repository whose ``git_operation`` died with its process.
 
     The recovery sweeper calls this for each journal entry of kind
@@ -389,8 +448,13 @@ def sweep_stale_lock(payload: dict[str, Any]) -> bool:
     that no live git can hold, and puts the recorded refs, ``HEAD`` and index
     back. It runs no threads and writes no audit events (the sweeper does).
 
+    With a ``store``, its own git commands are journaled there first (one
+    ``child_process`` entry for them all), so that if the sweeping process
+    is SIGKILLed while one runs, ``recover()`` stops it before sweeping again.
+
     Args:
         payload: The journal entry's payload, as ``git_operation`` wrote it.
+        store: Where to journal the sweep's git commands; ``None``: nowhere.
 
     Returns:
         ``True`` when the repository is restored (or gone): the entry can be
@@ -420,16 +484,14 @@ def sweep_stale_lock(payload: dict[str, Any]) -> bool:
     sweep = _remove_leftovers(git_dir, common_dir, since, procs)
     if sweep.removed:
         log.info("termsafe: removed stale git leftovers in %s: %s", repo, sweep.removed)
-    env = _environment(None)
-
-    def run(args: Sequence[str], input_text: str | None = None) -> GitResult:
-        return _run_plain(git, repo, env, args, input_text=input_text)
-
+    runs = _PlainRuns(git, repo, _environment(None), store, None, "sweep")
     try:
-        _restore_state(run, payload, repo)
+        _restore_state(runs, payload, repo)
     except (GitCommandFailed, OSError, subprocess.SubprocessError) as exc:
         log.warning("termsafe: restoring git repository %s failed: %s", repo, exc)
         return False
+    finally:
+        runs.close()
     return True
 
 
@@ -522,17 +584,7 @@ class GitOperation:
             if self._closed:
                 child.forget()
                 raise OperationClosed(self.name, self.state)
-            proc = child.popen(
-                argv,
-                cwd=self.repo,
-                env=self._env,
-                stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                encoding="utf-8",
-                errors="surrogateescape",
-                start_new_session=True,
-            )
+            proc = _popen(child, argv, self.repo, self._env, input_text)
             start = process_start_time(proc.pid)
             self._child = (proc, start)
         try:
@@ -584,9 +636,6 @@ class GitOperation:
             kill_tree(proc.pid, start, timeout=STOP_TIMEOUT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=STOP_TIMEOUT)
-
-    def _plain(self, args: Sequence[str], input_text: str | None = None) -> GitResult:
-        return _run_plain(self._git, self.repo, self._env, args, input_text=input_text)
 
     # -- recording -----------------------------------------------------------------
 
@@ -1037,7 +1086,19 @@ class GitOperation:
                         "git processes still work in the repository: "
                         + ", ".join(str(p.pid) for p in procs),
                     )
-                restored = _restore_state(self._plain, self._payload(), self.repo)
+                wf = scope.workflow
+                runs = _PlainRuns(
+                    self._git,
+                    self.repo,
+                    self._env,
+                    scope.store,
+                    wf.id if wf is not None else None,
+                    "rollback",
+                )
+                try:
+                    restored = _restore_state(runs, self._payload(), self.repo)
+                finally:
+                    runs.close()
             except (
                 GitCommandFailed,
                 GitRollbackFailed,

@@ -595,10 +595,11 @@ with git_operation(repo, store=store, git=git, env={"TERMSAFE_TEST_FIFO": fifo})
 )
 
 
-def _git_hanging_in(tmp_path: Path, subcommand: str, then: str) -> Path:
+def _git_hanging_in(tmp_path: Path, subcommand: str, then: str, *, when: str = ":") -> Path:
     """A git wrapper that, on ``subcommand``, takes index.lock, runs ``then`` and hangs.
 
-    Any other command goes to the real git. Returns the wrapper's path.
+    It does so only where the shell condition ``when`` holds; any other
+    command goes to the real git. Returns the wrapper's path.
     """
     real_git = shutil.which("git")
     assert real_git is not None
@@ -606,9 +607,11 @@ def _git_hanging_in(tmp_path: Path, subcommand: str, then: str) -> Path:
     wrapper.write_text(
         "#!/bin/sh\n"
         f'case " $* " in *" {subcommand} "*)\n'
-        f'  : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
-        f"  {then}\n"
-        "  exec sleep 600;;\n"
+        f"  if {when}; then\n"
+        f'    : > "$({shlex.quote(real_git)} rev-parse --git-dir)/index.lock"\n'
+        f"    {then}\n"
+        "    exec sleep 600\n"
+        "  fi;;\n"
         "esac\n"
         f'exec {shlex.quote(real_git)} "$@"\n'
     )
@@ -759,6 +762,231 @@ class TestSweep:
             "index_tree": None,
         }
         assert True is sweep_stale_lock(payload)
+
+
+# A reference-transaction hook that, once armed (the file $TERMSAFE_TEST_ARMED
+# exists), holds the next ref transaction in its "prepared" state (git has
+# locked the refs), reports its pid and hangs there.
+REF_HOOK = """#!/bin/sh
+if [ "$1" = prepared ] && [ -n "$TERMSAFE_TEST_ARMED" ] && [ -e "$TERMSAFE_TEST_ARMED" ]; then
+  echo "ready $$" > "$TERMSAFE_TEST_FIFO"
+  exec sleep 600
+fi
+"""
+
+# An operation that commits, then fails: its rollback runs, and the test's git
+# (a hook, or a wrapper) hangs in one of the rollback's commands once armed.
+FAILS_AFTER_ITS_COMMIT = """
+import sys
+from pathlib import Path
+from termsafe import git_operation
+from termsafe._store import SQLiteStore
+
+repo, store_path, git, fifo, armed = sys.argv[1:6]
+env = {"TERMSAFE_TEST_FIFO": fifo, "TERMSAFE_TEST_ARMED": armed}
+with git_operation(repo, store=SQLiteStore(store_path), git=git, env=env) as op:
+    Path(repo, "a.txt").write_text("a\\n")
+    op.commit("add a", ["a.txt"])
+    Path(armed).touch()
+    raise RuntimeError("fails after its commit: the rollback runs")
+"""
+
+# The recovery sweep of a dead operation's entry, journaling its own git commands.
+SWEEPS = """
+import json, sys
+from termsafe._git import sweep_stale_lock
+from termsafe._store import SQLiteStore
+
+sweep_stale_lock(json.loads(sys.argv[1]), store=SQLiteStore(sys.argv[2]))
+"""
+
+
+def _install_ref_hook(repo: Path) -> None:
+    """Install ``REF_HOOK`` as the repository's reference-transaction hook."""
+    hook = repo / ".git" / "hooks" / "reference-transaction"
+    hook.write_text(REF_HOOK)
+    hook.chmod(0o755)
+
+
+def _hung_command(reader: int, parent: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The processes of the git command that reported itself hung on ``reader``.
+
+    The reporting process (a hook, or a wrapper in git's place), and the git
+    that runs the hook, if there is one between it and ``parent``.
+    """
+    word, pid = _read_line(reader).split()
+    assert "ready" == word
+    hung = psutil.Process(int(pid))
+    procs = [hung]
+    above = hung.parent()
+    if above is not None and above.pid != parent.pid:
+        procs.append(above)
+    return procs
+
+
+def _stop(parent: subprocess.Popen[bytes], procs: list[psutil.Process], reader: int) -> None:
+    """Whatever a failed test left: the parent, the hung command's processes, the FIFO."""
+    if parent.poll() is None:
+        parent.kill()
+    parent.wait(WAIT)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()  # psutil checks the start time: never a reused pid
+    os.close(reader)
+
+
+class TestKilledRollback:
+    @pytest.mark.parametrize("hangs_in", ["update-ref", "read-tree"])
+    def test_sigkill_while_a_rollback_runs_git(
+        self, tmp_path: Path, repo: Path, store: SQLiteStore, hangs_in: str
+    ) -> None:
+        """A SIGKILL while a rollback's git runs: recover stops it, removes its locks, restores."""
+        fifo = tmp_path / "ready.fifo"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDWR)  # never blocks, and never sees EOF
+        armed = tmp_path / "armed"
+        if hangs_in == "update-ref":
+            # The real git, holding the ref locks of the rollback's transaction.
+            _install_ref_hook(repo)
+            git_exe, held = "git", "refs/heads/main.lock"
+        else:
+            # A git in read-tree's place: it takes index.lock and hangs (SIGTERM
+            # does not make it remove the lock, as it would make git).
+            wrapper = _git_hanging_in(
+                tmp_path,
+                "read-tree",
+                'echo "ready $$" > "$TERMSAFE_TEST_FIFO"',
+                when='[ -e "$TERMSAFE_TEST_ARMED" ]',
+            )
+            git_exe, held = str(wrapper), "index.lock"
+        old = refs(repo)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", FAILS_AFTER_ITS_COMMIT]
+            + [str(p) for p in (repo, store.path, git_exe, fifo, armed)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs: list[psutil.Process] = []
+        try:
+            procs = _hung_command(reader, parent)
+            if hangs_in == "update-ref":
+                assert ["git"] == [p.name() for p in procs[1:]]  # the git running the hook
+            parent.kill()
+            assert -signal.SIGKILL == parent.wait(WAIT)
+            assert held in locks(repo)
+            assert all(_running(p) for p in procs)
+            # The operation's entry, and the one its rollback's commands run under.
+            assert ["child_process", "git_lock"] == sorted(e.kind for e in store.journal_entries())
+            report = ts.recover(store, kill_timeout=0.2)
+            assert report.clean, str(report)
+            assert {p.pid for p in procs} <= set(report.processes_killed)
+            assert not any(_running(p) for p in procs)
+            assert [] == locks(repo)
+            assert old == refs(repo)
+            assert "ref: refs/heads/main" == head(repo)
+            assert staged_matches_head(repo)
+            assert "" == fsck(repo)
+            assert [] == store.journal_entries()
+        finally:
+            _stop(parent, procs, reader)
+
+    def test_sigkill_while_a_sweep_runs_git(
+        self, tmp_path: Path, repo: Path, store: SQLiteStore
+    ) -> None:
+        """A sweep SIGKILLed while its git runs: the next recover stops that git and restores."""
+        old = refs(repo)
+        payload = _crash(repo, str(store.path))
+        fifo = tmp_path / "ready.fifo"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDWR)
+        armed = tmp_path / "armed"
+        armed.touch()
+        _install_ref_hook(repo)
+        sweeper = subprocess.Popen(
+            [sys.executable, "-c", SWEEPS, json.dumps(payload), str(store.path)],
+            env={**os.environ, "TERMSAFE_TEST_FIFO": str(fifo), "TERMSAFE_TEST_ARMED": str(armed)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs: list[psutil.Process] = []
+        try:
+            procs = _hung_command(reader, sweeper)
+            assert ["git"] == [p.name() for p in procs[1:]]
+            sweeper.kill()
+            assert -signal.SIGKILL == sweeper.wait(WAIT)
+            assert "refs/heads/main.lock" in locks(repo)
+            assert all(_running(p) for p in procs)
+            assert ["child_process", "git_lock"] == sorted(e.kind for e in store.journal_entries())
+            report = ts.recover(store, kill_timeout=0.2)
+            assert report.clean, str(report)
+            assert not any(_running(p) for p in procs)
+            assert [] == locks(repo)
+            assert old == refs(repo)
+            assert staged_matches_head(repo)
+            assert "" == fsck(repo)
+            assert [] == store.journal_entries()
+        finally:
+            _stop(sweeper, procs, reader)
+
+    def test_a_rollback_is_journaled_as_one_entry(self, tmp_path: Path, repo: Path) -> None:
+        """Every git command of a rollback carries the token of one child_process entry."""
+        real_git = shutil.which("git")
+        assert real_git is not None
+        calls = tmp_path / "calls"
+        wrapper = tmp_path / "git-logging"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f'echo "${{TERMSAFE_SPAWN_TOKEN:-none}} $*" >> {shlex.quote(str(calls))}\n'
+            f'exec {shlex.quote(real_git)} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        store = _RecordingStore(tmp_path / "store.sqlite3")
+        seen: list[int] = []
+
+        def body() -> None:
+            with git_operation(repo, store=store, git=str(wrapper)) as op:
+                (repo / "a.txt").write_text("a\n")
+                op.commit("add a", ["a.txt"])
+                seen[:] = [len(calls.read_text().splitlines()), len(store.added)]
+                raise KeyError("x")
+
+        try:
+            with pytest.raises(KeyError):
+                body()
+            lines = calls.read_text().splitlines()[seen[0] :]
+            added = store.added[seen[1] :]
+            assert ["child_process"] == [kind for kind, _ in added]
+            token = added[0][1]["token"]
+            assert ["for-each-ref", "symbolic-ref", "update-ref", "write-tree", "read-tree"] == [
+                _subcommand(line) for line in lines
+            ]
+            assert {token} == {line.split()[0] for line in lines}
+            assert [] == store.journal_entries()
+        finally:
+            store.close()
+
+
+class _RecordingStore(SQLiteStore):
+    """A store that remembers what was journaled, in order."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.added: list[tuple[str, dict[str, Any]]] = []
+
+    def journal_add(
+        self, kind: Any, payload: dict[str, Any], workflow_id: str | None = None
+    ) -> int:
+        entry = super().journal_add(kind, payload, workflow_id)
+        self.added.append((kind, payload))
+        return entry
+
+
+def _subcommand(line: str) -> str:
+    """The git subcommand of a line the logging wrapper wrote (after the token and ``-c`` pairs)."""
+    words = line.split()[1:]
+    while words[0] == "-c":
+        words = words[2:]
+    return words[0]
 
 
 class TestArguments:
