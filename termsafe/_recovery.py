@@ -98,7 +98,10 @@ class SweepReport:
 
 
 class _Sweep:
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
+        #: Journals the git commands the sweep itself runs (a recovery killed
+        #: mid-sweep leaves them to the next one).
+        self.store = store
         self.removed: list[str] = []
         self.restored: list[str] = []
         self.settled: list[int] = []
@@ -207,7 +210,7 @@ class _Sweep:
         if sweep is None:
             return "termsafe._git has no sweep_stale_lock: git locks are not swept yet"
         try:
-            result = sweep(dict(payload))
+            result = sweep(dict(payload), store=self.store)
         except Exception as exc:
             return f"sweep_stale_lock failed: {type(exc).__name__}: {exc}"
         if result is False:
@@ -336,7 +339,7 @@ def sweep_journal(
         from ._store import open_default_store
 
         store = open_default_store()
-    sweep = _Sweep()
+    sweep = _Sweep(store)
     with filelock.FileLock(str(_lock_path(store)), timeout=timeout):
         protected: list[tuple[str, str]] = []
         host = current_identity().host

@@ -413,11 +413,13 @@ class TestOtherKinds:
         outcome: bool | None,
         settled: bool,
     ) -> None:
-        """git_lock entries go to termsafe._git.sweep_stale_lock; False keeps the entry."""
+        """git_lock entries go to sweep_stale_lock, with the store; False keeps the entry."""
         seen: list[dict[str, Any]] = []
+        stores: list[Any] = []
 
-        def sweep_stale_lock(payload: dict[str, Any]) -> bool | None:
+        def sweep_stale_lock(payload: dict[str, Any], *, store: Any = None) -> bool | None:
             seen.append(payload)
+            stores.append(store)
             return outcome
 
         fake = types.ModuleType("termsafe._git")
@@ -427,6 +429,7 @@ class TestOtherKinds:
         entry = journal_from_dead_process(store, "git_lock", payload)
         report = sweep_journal(store)
         assert [payload] == seen
+        assert [store] == stores  # the sweep journals its own git commands there
         assert ((entry,) if settled else ()) == report.settled
         assert ([] if settled else [entry]) == [e.id for e in store.journal_entries()]
 
@@ -435,7 +438,7 @@ class TestOtherKinds:
     ) -> None:
         """A sweep_stale_lock that raises leaves the entry, with the error as the reason."""
 
-        def sweep_stale_lock(payload: dict[str, Any]) -> bool:
+        def sweep_stale_lock(payload: dict[str, Any], *, store: Any = None) -> bool:
             raise PermissionError("read-only repository")
 
         fake = types.ModuleType("termsafe._git")
