@@ -14,10 +14,12 @@ import signal
 import socket
 import time
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import psutil
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = [
     "Identity",
@@ -66,6 +68,8 @@ def _host() -> str:
 
 def process_start_time(pid: int) -> float | None:
     """The start time of process ``pid``, or ``None`` if there is no such process."""
+    import psutil
+
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
@@ -94,6 +98,8 @@ def identity_alive(ident: Identity) -> bool:
     A process on another host is assumed alive: it cannot be checked from
     here, and assuming it dead could hand its lease to a second runner.
     """
+    import psutil
+
     if ident.host != _host():
         return True
     try:
@@ -127,6 +133,8 @@ class TreeKill:
 
 
 def _matches(proc: psutil.Process, start_time: float | None) -> bool:
+    import psutil
+
     if start_time is None:
         return True
     try:
@@ -143,6 +151,8 @@ def snapshot_tree(pid: int, start_time: float | None = None) -> list[psutil.Proc
     ``psutil.Process`` objects carry their start time, so signalling them later
     never hits a reused pid.
     """
+    import psutil
+
     try:
         root = psutil.Process(pid)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
@@ -219,6 +229,8 @@ def _scan_env(
 ) -> list[psutil.Process]:
     """Read every process's environment once into ``found``; return those started
     since ``born_after`` whose environment read empty (inside an exec, maybe)."""
+    import psutil
+
     me = os.getpid()
     unread: list[psutil.Process] = []
     for proc in psutil.process_iter():
@@ -261,6 +273,8 @@ def _await_env(
 def _environ(proc: psutil.Process) -> dict[str, str] | None:
     """``proc``'s environment (empty while it is inside an exec), or ``None`` when
     it has none to read: gone, a zombie, a kernel thread, another user's."""
+    import psutil
+
     try:
         env = dict(proc.environ())
         if not env and (proc.status() == psutil.STATUS_ZOMBIE or proc.ppid() == 2):
@@ -271,6 +285,8 @@ def _environ(proc: psutil.Process) -> dict[str, str] | None:
 
 
 def _born_since(proc: psutil.Process, when: float) -> bool:
+    import psutil
+
     try:
         return bool(proc.create_time() >= when)
     except psutil.Error:
@@ -278,6 +294,8 @@ def _born_since(proc: psutil.Process, when: float) -> bool:
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    import psutil
+
     out = []
     for proc in procs:
         try:
@@ -297,6 +315,8 @@ def _send(proc: psutil.Process, sig: int) -> bool:
     check and the signal is never hit. Elsewhere psutil checks the start time
     just before signalling.
     """
+    import psutil
+
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is not None:
         try:
@@ -329,6 +349,8 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
     ours counts as gone: it has died, and only its parent (or init, which in a
     container may take seconds) can reap it.
     """
+    import psutil
+
     deadline = time.monotonic() + timeout
     delay = 0.001
     alive = procs
@@ -365,6 +387,8 @@ def kill_tree(
     Returns:
         A ``TreeKill``; its ``survivors`` are orphans to report.
     """
+    import psutil
+
     first = signal.SIGKILL if force else signal.SIGTERM
     procs = snapshot_tree(pid, start_time)
     signalled: list[int] = []
