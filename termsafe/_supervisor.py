@@ -67,11 +67,11 @@ from ._control import (
 from ._exceptions import InvalidArgumentType, KillRefused
 from ._permissions import Decision, Principal
 from ._procs import Identity, current_identity, process_start_time
+from ._recovery import RecoverReport, recover, stop_processes
 from ._states import WorkflowState
 
 if TYPE_CHECKING:
     from ._audit import AuditEvent, AuditSink
-    from ._recovery import RecoverReport
     from ._store import SQLiteStore
     from ._terminator import Phases
 
@@ -737,8 +737,6 @@ class Supervisor:
 
     def _stop_leftovers(self) -> list[int]:
         """Stop what is left of the tree (orphans now); return the survivors."""
-        from ._recovery import stop_processes
-
         leftovers = self._tree()
         if not leftovers:
             return []
@@ -765,8 +763,6 @@ class Supervisor:
         return survivors
 
     def _finish(self) -> int:
-        from ._recovery import recover
-
         popen = self._popen
         store = self._store
         assert popen is not None
