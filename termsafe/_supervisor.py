@@ -67,6 +67,9 @@ from ._control import (
 from ._exceptions import InvalidArgumentType, KillRefused
 from ._permissions import Decision, Principal
 from ._procs import Identity, current_identity, process_start_time
+
+# At import, not when the command has exited: loading recovery there (~20 ms)
+# sat between a kill and the run's final state.
 from ._recovery import RecoverReport, recover, stop_processes
 from ._states import WorkflowState
 
