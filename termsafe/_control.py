@@ -50,7 +50,6 @@ import struct
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -799,42 +798,85 @@ class _TerminatorTarget:
         return ids
 
 
+class _Pending:
+    """A workflow the registry knows of; its row is written with the next batch."""
+
+    __slots__ = (
+        "ended_at",
+        "info",
+        "owner",
+        "run_id",
+        "started_at",
+        "state",
+        "team",
+        "terminating",
+        "workflow_id",
+    )
+
+    def __init__(
+        self, workflow_id: str, owner: str | None, team: str | None, info: dict[str, Any]
+    ) -> None:
+        self.run_id: str | None = None  # given when its batch is taken
+        self.workflow_id = workflow_id
+        self.owner = owner
+        self.team = team
+        self.state = "running"
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.info = info
+        self.terminating = False
+
+
+# What uuid.UUID(version=4) clears and sets: the version nibble and the variant bits.
+_V4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+
+
+def _run_ids(n: int) -> list[str]:
+    """``n`` run ids as ``uuid.uuid4().hex`` makes them, from one read of the OS's randomness.
+
+    One ``os.urandom`` per batch, not one per run: each call releases the GIL,
+    and a registry that dropped it for every workflow had the workflow threads
+    and the audit thread hand it back and forth.
+    """
+    raw = os.urandom(16 * n)
+    return [
+        f"{int.from_bytes(raw[i : i + 16], 'big') & _V4_CLEAR | _V4_SET:032x}"
+        for i in range(0, 16 * n, 16)
+    ]
+
+
 class _RunRegistry:
     """Writes a terminator's workflows to the runs table, in batches, off the workflow's path.
 
     It listens to the terminator's audit events (``workflow_started``,
     ``kill_requested``, ``workflow_finished``): starting a workflow costs it
     nothing more than the event it already emits. A thread of its own writes
-    each batch in one transaction.
+    each batch in one transaction. A workflow that ends (or is killed) before
+    its row was written is written once, in its latest state.
     """
 
     def __init__(self, store: SQLiteStore, socket_path: str) -> None:
         self._store = store
         self._socket = socket_path
         self._process = current_identity()
-        self._cond = threading.Condition()
-        self._new: list[Run] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._new: list[_Pending] = []
         self._states: list[tuple[str, str, bool]] = []
         self._queued = 0
         self._taken = 0
         self._written = 0
-        self._live: dict[str, str] = {}
-        self._terminating: set[str] = set()
+        self._live: dict[str, _Pending] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def add(self, wf_id: str, owner: str | None, team: str | None, info: dict[str, Any]) -> None:
-        from ._store import Run
-
+        info = {"socket": self._socket, **info}
         with self._cond:
             if self._closed or wf_id in self._live:
                 return
-            run_id = uuid.uuid4().hex
-            self._live[wf_id] = run_id
-            info = {"socket": self._socket, **info}
-            self._new.append(
-                Run(run_id, wf_id, owner, team, "running", self._process, time.time(), None, info)
-            )
+            pending = self._live[wf_id] = _Pending(wf_id, owner, team, info)
+            self._new.append(pending)
             self._queue()
 
     def on_event(self, event: AuditEvent) -> None:
@@ -860,18 +902,24 @@ class _RunRegistry:
         with self._cond:
             if self._closed:
                 return
-            run_id = self._live.get(wid)
-            if run_id is None:
+            pending = self._live.get(wid)
+            if pending is None:
                 return
             if kind == "kill_requested":
-                if run_id in self._terminating:
+                if pending.terminating:
                     return
-                self._terminating.add(run_id)
-                self._states.append((run_id, "terminating", False))
+                pending.terminating = True
+                state, final = "terminating", False
             else:
                 del self._live[wid]
-                self._terminating.discard(run_id)
-                self._states.append((run_id, event.state or "failed", True))
+                state, final = event.state or "failed", True
+            if pending.run_id is None:
+                # Not written yet: its row is written in this state.
+                pending.state = state
+                if final:
+                    pending.ended_at = time.time()
+            else:
+                self._states.append((pending.run_id, state, final))
             self._queue()
 
     def _queue(self) -> None:
@@ -887,6 +935,9 @@ class _RunRegistry:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        from ._store import Run
+
+        process = self._process
         while True:
             with self._cond:
                 while not (self._new or self._states) and not self._closed:
@@ -896,11 +947,28 @@ class _RunRegistry:
                 upto = self._taken = self._queued
                 if not new and not states and self._closed:
                     return
-            new, states = _merge(new, states)
+                ids = _run_ids(len(new)) if new else []
+                for pending, run_id in zip(new, ids, strict=True):
+                    # From here on, its state changes are written as updates.
+                    pending.run_id = run_id
+            runs = [
+                Run(
+                    run_id,
+                    p.workflow_id,
+                    p.owner,
+                    p.team,
+                    p.state,
+                    process,
+                    p.started_at,
+                    p.ended_at,
+                    p.info,
+                )
+                for p, run_id in zip(new, ids, strict=True)
+            ]
             try:
-                self._store.run_batch(new, states)
+                self._store.run_batch(runs, states)
             except Exception:
-                log.exception("termsafe: recording %d runs in the store failed", len(new))
+                log.exception("termsafe: recording %d runs in the store failed", len(runs))
             with self._cond:
                 self._written = upto
                 self._cond.notify_all()
@@ -927,24 +995,6 @@ class _RunRegistry:
 
 #: The open server of each terminator (one at a time: two would register every run twice).
 _served: weakref.WeakKeyDictionary[Terminator, ControlServer] = weakref.WeakKeyDictionary()
-
-
-def _merge(
-    new: list[Run], states: list[tuple[str, str, bool]]
-) -> tuple[list[Run], list[tuple[str, str, bool]]]:
-    """Fold the state changes of runs registered in the same batch into their rows."""
-    if not new or not states:
-        return new, states
-    index = {run.run_id: i for i, run in enumerate(new)}
-    now = time.time()
-    rest = []
-    for run_id, state, final in states:
-        i = index.get(run_id)
-        if i is None:
-            rest.append((run_id, state, final))
-            continue
-        new[i] = attrs.evolve(new[i], state=state, ended_at=now if final else None)
-    return new, rest
 
 
 def serve_control(

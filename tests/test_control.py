@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -367,6 +369,30 @@ class TestServeControl:
             assert wf.done_event().wait(WAIT)
             assert ts.WorkflowState.TERMINATED == wf.state
             assert "dependency 'extract' was killed" == wf.kill_reason
+
+    def test_runs_that_end_before_they_are_written_are_written_once_ended(
+        self, make_term: TermFactory, store: SQLiteStore, home: Path
+    ) -> None:
+        """Workflows that start and end while the store is locked are each written once, ended."""
+        term = make_term(store=store)
+        blocker = sqlite3.connect(home / "store.sqlite3", isolation_level=None)
+        try:
+            with ts.serve_control(term) as server:
+                blocker.execute("BEGIN IMMEDIATE")  # the registry's writer waits for it
+                for i in range(50):
+                    with term.workflow(f"q-{i}"):
+                        pass
+                assert term.flush(WAIT)  # every start and end reached the registry
+                blocker.execute("COMMIT")
+                assert server.flush(WAIT)
+        finally:
+            blocker.close()
+        runs = store.runs()
+        assert sorted(f"q-{i}" for i in range(50)) == sorted(r.workflow_id for r in runs)
+        assert {"completed"} == {r.state for r in runs}
+        assert all(r.ended_at is not None and r.ended_at >= r.started_at for r in runs)
+        assert 50 == len({r.run_id for r in runs})
+        assert all(32 == len(r.run_id) and 4 == uuid.UUID(r.run_id).version for r in runs)
 
     def test_one_server_per_terminator(self, hosted: Hosted) -> None:
         """A second serve_control on a served terminator is refused, naming the socket."""
