@@ -14,9 +14,6 @@ Importing termsafe has no side effects: no signal handler, no thread, no file.
 # table; _permissions: who may kill; _audit: the trail; _metrics; _signals).
 # This file only re-exports them and makes tracebacks show ``termsafe.X``.
 
-import importlib
-import typing as _typing
-
 # Errors are imported at once: they are cheap and are raised from deep inside.
 from ._exceptions import (
     AlreadyRecorded,
@@ -48,7 +45,13 @@ from ._exceptions import (
     WorkflowNotFound,
 )
 
-if _typing.TYPE_CHECKING:
+# Not ``typing.TYPE_CHECKING``: importing typing would cost the command line a
+# few milliseconds for nothing (type checkers treat this name as true).
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from typing import Any
+
     from ._alerts import (
         Alert,
         AlertThresholds,
@@ -313,7 +316,7 @@ __all__ = [
 ]
 
 
-def _public(obj: _typing.Any) -> _typing.Any:
+def _public(obj: "Any") -> "Any":
     # Tracebacks and reprs name the public path, not the private module.
     if getattr(obj, "__module__", "").startswith("termsafe._"):
         try:
@@ -323,11 +326,13 @@ def _public(obj: _typing.Any) -> _typing.Any:
     return obj
 
 
-def __getattr__(name: str) -> _typing.Any:
+def __getattr__(name: str) -> "Any":
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'termsafe' has no attribute {name!r}")
-    value = _public(getattr(importlib.import_module(f"termsafe.{module}"), name))
+    from importlib import import_module
+
+    value = _public(getattr(import_module(f"termsafe.{module}"), name))
     globals()[name] = value
     return value
 
@@ -339,4 +344,4 @@ def __dir__() -> list[str]:
 for _name in list(globals()):
     if _name in __all__:
         _public(globals()[_name])
-del _name
+del _name, TYPE_CHECKING

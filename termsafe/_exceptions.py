@@ -47,9 +47,13 @@ constructor's arguments to ``super().__init__``, so ``BaseException``'s own
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# Not ``typing.TYPE_CHECKING``: ``import termsafe`` imports this module, and
+# typing would cost it a few milliseconds for nothing (checkers treat the name as true).
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._audit import VerifyReport
     from ._permissions import Decision
 

@@ -1,7 +1,9 @@
-"""Tests for importing termsafe: no side effects, and a sorted, honest ``__all__``."""
+"""Tests for importing termsafe: no side effects, a sorted, honest ``__all__``, and
+what ``import termsafe`` leaves unimported."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -15,6 +17,28 @@ import pytest
 import termsafe
 
 ROOT = Path(__file__).parents[1]
+
+#: Not imported by ``import termsafe``: each costs the command line milliseconds.
+HEAVY = frozenset(
+    {
+        "anyio",
+        "asyncio",
+        "attr",
+        "attrs",
+        "filelock",
+        "logging",
+        "psutil",
+        "sqlite3",
+        "subprocess",
+        "termsafe._control",
+        "termsafe._permissions",
+        "termsafe._procs",
+        "termsafe._store",
+        "termsafe._terminator",
+        "typing",
+        "uuid",
+    }
+)
 
 PROBE = r"""
 import json
@@ -113,3 +137,48 @@ class TestAll:
     def test_version(self) -> None:
         """termsafe has a version string."""
         assert isinstance(termsafe.__version__, str)
+
+
+MODULES = r"""
+import sys
+
+before = set(sys.modules)
+import termsafe  # noqa: E402
+
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def _run(code: str, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TERMSAFE")}
+    env["PYTHONPATH"] = str(ROOT)
+    if home is not None:
+        env["TERMSAFE_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+class TestWhatIsImported:
+    def test_import_termsafe_loads_only_the_errors(self) -> None:
+        """``import termsafe`` loads the package and its errors, and nothing heavy."""
+        done = _run(MODULES)
+        assert 0 == done.returncode, done.stderr
+        loaded = set(ast.literal_eval(done.stdout))
+        assert {"termsafe", "termsafe._exceptions"} == {m for m in loaded if "termsafe" in m}
+        assert set() == loaded & HEAVY
+
+    def test_a_public_name_loads_its_module_on_first_use(self) -> None:
+        """``termsafe.X`` imports X's private module when it is first asked for."""
+        done = _run(
+            "import sys, termsafe\n"
+            "before = 'termsafe._store' in sys.modules\n"
+            "store = termsafe.SQLiteStore\n"
+            "print(before, 'termsafe._store' in sys.modules, store.__module__)"
+        )
+        assert "False True termsafe" == done.stdout.strip(), done.stderr
