@@ -71,9 +71,11 @@ if TYPE_CHECKING:
         redact_fields,
         verify_audit_log,
     )
+    from ._client import (
+        ControlClient,
+    )
     from ._control import (
         AccessPolicy,
-        ControlClient,
         ControlServer,
         KillAnswer,
         serve_control,
@@ -178,7 +180,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "redact_fields",
         "verify_audit_log",
     ),
-    "_control": ("AccessPolicy", "ControlClient", "ControlServer", "KillAnswer", "serve_control"),
+    "_client": ("ControlClient",),
+    "_control": ("AccessPolicy", "ControlServer", "KillAnswer", "serve_control"),
     "_git": ("GitOperation", "GitResult", "git_operation"),
     "_hooks": ("Hook",),
     "_idempotency": (

@@ -25,15 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+
+# Not ``typing.TYPE_CHECKING``, and only what every command needs at module
+# level: each command imports the rest itself, so ``termsafe kill`` pays for
+# no module it does not use (type checkers treat this name as true).
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import Any, TextIO
+
     from ._store import Run, SQLiteStore
     from ._supervisor import RunResult
 
@@ -46,6 +50,9 @@ EXIT_REFUSED = 3
 EXIT_NOT_FOUND = 4
 
 FINAL_STATES = ("completed", "failed", "terminated", "killed")
+#: Seconds ``kill`` waits for every host to say whether it runs the workflow
+#: before it asks the store instead (a stopped process never answers).
+SCAN_TIMEOUT = 1.0
 
 
 def _seconds(text: str) -> float:
@@ -58,7 +65,23 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _path(text: str) -> Path:
+    from pathlib import Path  # only the commands that take a path need it
+
+    return Path(text)
+
+
+#: The commands, in the order ``termsafe --help`` lists them.
+COMMANDS = ("demo", "audit", "ps", "status", "kill", "timeline", "recover", "run")
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with ``command``, only that command's (the others are
+    neither needed nor worth building when the command is known)."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     parser = argparse.ArgumentParser(
         prog="termsafe",
         description=(
@@ -68,111 +91,127 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run a workflow, kill it inside a critical section")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    if wanted("demo"):
+        demo = sub.add_parser("demo", help="run a workflow, kill it inside a critical section")
+        demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
 
-    audit = sub.add_parser("audit", help="inspect a JSONL audit trail")
-    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    verify = audit_sub.add_parser("verify", help="verify a trail's hash chain")
-    verify.add_argument("path", type=Path)
-    verify.add_argument("--key-file", type=Path, help="file holding the HMAC key (raw bytes)")
-    verify.add_argument("--anchor", help="head anchor as JSON (from JsonlSink.anchor())")
-    verify.add_argument("--json", action="store_true", help="print the report as JSON")
-    tail = audit_sub.add_parser("tail", help="print the last events of a trail")
-    tail.add_argument("path", type=Path)
-    tail.add_argument("-n", type=int, default=20, help="how many events (default 20)")
-    tail.add_argument("--json", action="store_true", help="print events as JSON lines")
+    if wanted("audit"):
+        audit = sub.add_parser("audit", help="inspect a JSONL audit trail")
+        audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+        verify = audit_sub.add_parser("verify", help="verify a trail's hash chain")
+        verify.add_argument("path", type=_path)
+        verify.add_argument("--key-file", type=_path, help="file holding the HMAC key (raw bytes)")
+        verify.add_argument("--anchor", help="head anchor as JSON (from JsonlSink.anchor())")
+        verify.add_argument("--json", action="store_true", help="print the report as JSON")
+        tail = audit_sub.add_parser("tail", help="print the last events of a trail")
+        tail.add_argument("path", type=_path)
+        tail.add_argument("-n", type=int, default=20, help="how many events (default 20)")
+        tail.add_argument("--json", action="store_true", help="print events as JSON lines")
 
-    ps = sub.add_parser("ps", help="list the workflows registered in the store")
-    ps.add_argument("--all", action="store_true", help="include finished runs")
-    ps.add_argument("--json", action="store_true", help="print the runs as a JSON list")
+    if wanted("ps"):
+        ps = sub.add_parser("ps", help="list the workflows registered in the store")
+        ps.add_argument("--all", action="store_true", help="include finished runs")
+        ps.add_argument("--json", action="store_true", help="print the runs as a JSON list")
 
-    status = sub.add_parser("status", help="show one workflow (by workflow id or run id)")
-    status.add_argument("id", help="a workflow id or a run id")
-    status.add_argument("--socket", help="ask this control socket, not the store")
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    if wanted("status"):
+        status = sub.add_parser("status", help="show one workflow (by workflow id or run id)")
+        status.add_argument("id", help="a workflow id or a run id")
+        status.add_argument("--socket", help="ask this control socket, not the store")
+        status.add_argument("--json", action="store_true", help="print the status as JSON")
 
-    kill = sub.add_parser("kill", help="kill a workflow, as the OS user you are")
-    kill.add_argument("id", help="a workflow id or a run id")
-    kill.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
-    kill.add_argument("--force", action="store_true", help="start at the forced phase")
-    kill.add_argument("--socket", help="the control socket to ask (default: from the store)")
-    kill.add_argument(
-        "--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (default 5)"
-    )
-    kill.add_argument("--json", action="store_true", help="print the answer as JSON")
+    if wanted("kill"):
+        kill = sub.add_parser("kill", help="kill a workflow, as the OS user you are")
+        kill.add_argument("id", help="a workflow id or a run id")
+        kill.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+        kill.add_argument("--force", action="store_true", help="start at the forced phase")
+        kill.add_argument(
+            "--socket", help="the control socket to ask (default: the host's that runs it)"
+        )
+        kill.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=5.0,
+            help="seconds to wait for the answer (default 5)",
+        )
+        kill.add_argument("--json", action="store_true", help="print the answer as JSON")
 
-    timeline = sub.add_parser(
-        "timeline",
-        help="draw a workflow's termination timeline from an audit trail (SVG)",
-        description=(
-            "Draw a workflow's termination timeline from a JSONL audit trail as a "
-            "standalone SVG: the phases and their deadlines, the critical sections "
-            "that deferred the kill, every hook in the order it ran (LIFO), the "
-            "final state. The trail's hash chain is verified first."
-        ),
-    )
-    timeline.add_argument("path", type=Path, help="the audit trail (a JsonlSink file)")
-    timeline.add_argument(
-        "--workflow",
-        metavar="ID",
-        help="the workflow to draw (default: the last one killed in the trail; "
-        "a child killed with its parent yields to the parent)",
-    )
-    timeline.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        metavar="OUT.svg",
-        help="write the SVG to this file (default: standard output)",
-    )
-    timeline.add_argument("--key-file", type=Path, help="file holding the HMAC key (raw bytes)")
+    if wanted("timeline"):
+        timeline = sub.add_parser(
+            "timeline",
+            help="draw a workflow's termination timeline from an audit trail (SVG)",
+            description=(
+                "Draw a workflow's termination timeline from a JSONL audit trail as a "
+                "standalone SVG: the phases and their deadlines, the critical sections "
+                "that deferred the kill, every hook in the order it ran (LIFO), the "
+                "final state. The trail's hash chain is verified first."
+            ),
+        )
+        timeline.add_argument("path", type=_path, help="the audit trail (a JsonlSink file)")
+        timeline.add_argument(
+            "--workflow",
+            metavar="ID",
+            help="the workflow to draw (default: the last one killed in the trail; "
+            "a child killed with its parent yields to the parent)",
+        )
+        timeline.add_argument(
+            "-o",
+            "--output",
+            type=_path,
+            metavar="OUT.svg",
+            help="write the SVG to this file (default: standard output)",
+        )
+        timeline.add_argument(
+            "--key-file", type=_path, help="file holding the HMAC key (raw bytes)"
+        )
 
-    recover = sub.add_parser("recover", help="clean up after processes that died")
-    recover.add_argument(
-        "--kill-timeout",
-        type=_seconds,
-        default=1.0,
-        help="seconds between SIGTERM and SIGKILL for orphan processes (default 1)",
-    )
-    recover.add_argument("--json", action="store_true", help="print the report as JSON")
+    if wanted("recover"):
+        recover = sub.add_parser("recover", help="clean up after processes that died")
+        recover.add_argument(
+            "--kill-timeout",
+            type=_seconds,
+            default=1.0,
+            help="seconds between SIGTERM and SIGKILL for orphan processes (default 1)",
+        )
+        recover.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    run = sub.add_parser(
-        "run",
-        help="run a command as a supervised workflow process",
-        usage="termsafe run [options] -- CMD [ARG ...]",
-    )
-    run.add_argument("--id", dest="workflow_id", help="the workflow id (default: CMD-<random>)")
-    run.add_argument("--owner", help="the owner's principal id (default: your OS user)")
-    run.add_argument("--team", help="the team")
-    run.add_argument(
-        "--depends-on",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="a workflow this run depends on (repeatable)",
-    )
-    run.add_argument(
-        "--no-cascade",
-        action="store_true",
-        help="when a dependency is killed, only record it (default: kill this run too)",
-    )
-    run.add_argument(
-        "--graceful", type=_seconds, default=5.0, help="graceful phase, seconds (default 5)"
-    )
-    run.add_argument(
-        "--forced", type=_seconds, default=5.0, help="forced phase, seconds (default 5)"
-    )
-    run.add_argument(
-        "--cleanup",
-        action="append",
-        default=[],
-        metavar="CMD",
-        help="a command to run after the run ended and was cleaned up (repeatable)",
-    )
-    run.add_argument("--no-control", action="store_true", help="do not host a control socket")
-    run.add_argument("-v", "--verbose", action="store_true", help="print each step to stderr")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    if wanted("run"):
+        run = sub.add_parser(
+            "run",
+            help="run a command as a supervised workflow process",
+            usage="termsafe run [options] -- CMD [ARG ...]",
+        )
+        run.add_argument("--id", dest="workflow_id", help="the workflow id (default: CMD-<random>)")
+        run.add_argument("--owner", help="the owner's principal id (default: your OS user)")
+        run.add_argument("--team", help="the team")
+        run.add_argument(
+            "--depends-on",
+            action="append",
+            default=[],
+            metavar="ID",
+            help="a workflow this run depends on (repeatable)",
+        )
+        run.add_argument(
+            "--no-cascade",
+            action="store_true",
+            help="when a dependency is killed, only record it (default: kill this run too)",
+        )
+        run.add_argument(
+            "--graceful", type=_seconds, default=5.0, help="graceful phase, seconds (default 5)"
+        )
+        run.add_argument(
+            "--forced", type=_seconds, default=5.0, help="forced phase, seconds (default 5)"
+        )
+        run.add_argument(
+            "--cleanup",
+            action="append",
+            default=[],
+            metavar="CMD",
+            help="a command to run after the run ended and was cleaned up (repeatable)",
+        )
+        run.add_argument("--no-control", action="store_true", help="do not host a control socket")
+        run.add_argument("-v", "--verbose", action="store_true", help="print each step to stderr")
+        run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+
     return parser
 
 
@@ -270,10 +309,10 @@ def _timeline(args: argparse.Namespace, out: TextIO) -> int:
 # -- the store ----------------------------------------------------------------------------
 
 
-def _home() -> Path:
-    from ._store import default_home
-
-    return default_home()
+def _home() -> str:
+    # ``_store.default_home()``, without importing the store (nor pathlib):
+    # ``kill`` finds a live workflow without it (tests/test_cli.py checks the two agree).
+    return os.environ.get("TERMSAFE_HOME") or ".termsafe"
 
 
 _opened: list[SQLiteStore] = []
@@ -286,8 +325,8 @@ def _open_store() -> SQLiteStore | None:
     """
     from ._store import SQLiteStore
 
-    path = _home() / "store.sqlite3"
-    if not path.exists():
+    path = os.path.join(_home(), "store.sqlite3")
+    if not os.path.exists(path):
         return None
     store = SQLiteStore(path)
     _opened.append(store)
@@ -344,12 +383,17 @@ def _ps(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _find(store: SQLiteStore, ident: str) -> list[Run]:
-    """Runs with this run id, else with this workflow id (newest last)."""
+def _find(store: SQLiteStore, ident: str, *, live_only: bool = False) -> list[Run]:
+    """Runs with this run id, else with this workflow id (newest last).
+
+    ``live_only``: only runs not yet in a final state (the store keeps every
+    run that ever ended; reading them all would make a kill as slow as the
+    history is long).
+    """
     run = store.run_get(ident)
     if run is not None:
-        return [run]
-    return [r for r in store.runs() if r.workflow_id == ident]
+        return [run] if not live_only or run.state not in FINAL_STATES else []
+    return [r for r in store.runs(live_only=live_only) if r.workflow_id == ident]
 
 
 class _Lookup(Exception):
@@ -361,10 +405,11 @@ class _Lookup(Exception):
 def _live_socket(ident: str) -> tuple[str, Run]:
     store = _open_store()
     if store is None:
-        raise _Lookup(EXIT_NOT_FOUND, f"no store at {_home() / 'store.sqlite3'}: nothing runs")
-    runs = _find(store, ident)
-    live = [r for r in runs if r.state not in FINAL_STATES]
+        path = os.path.join(_home(), "store.sqlite3")
+        raise _Lookup(EXIT_NOT_FOUND, f"no store at {path}: nothing runs")
+    live = _find(store, ident, live_only=True)
     if not live:
+        runs = _find(store, ident)
         if runs:
             last = runs[-1]
             raise _Lookup(
@@ -386,7 +431,10 @@ def _live_socket(ident: str) -> tuple[str, Run]:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
-    from ._control import ControlClient, run_is_alive
+    import shlex
+
+    from ._client import ControlClient
+    from ._control import run_is_alive
     from ._exceptions import ControlError
 
     record: dict[str, Any] = {}
@@ -438,23 +486,37 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _kill(args: argparse.Namespace, out: TextIO) -> int:
-    from ._control import ControlClient
+    from ._client import CONTROL_DIR, ControlClient, find_host
     from ._exceptions import ControlError
 
     if not args.reason.strip():
         raise ValueError("--reason must not be empty (got '')")
     sock = args.socket
     wid = args.id
+    client = None
     if sock is None:
-        try:
-            sock, run = _live_socket(args.id)
-        except _Lookup as exc:
-            sys.stderr.write(f"termsafe: {exc}\n")
-            return exc.code
-        wid = run.workflow_id
+        # The hosts first: each knows its live workflows, so the common case
+        # reads no store. Whatever they cannot settle, the store does.
+        found = find_host(
+            os.path.join(_home(), CONTROL_DIR),
+            args.id,
+            timeout=min(args.timeout, SCAN_TIMEOUT),
+            client_timeout=args.timeout,
+        )
+        if found is not None:
+            client, status = found
+            sock = client.path
+            wid = str(status.get("workflow_id") or wid)
+        else:
+            try:
+                sock, run = _live_socket(args.id)
+            except _Lookup as exc:
+                sys.stderr.write(f"termsafe: {exc}\n")
+                return exc.code
+            wid = run.workflow_id
     try:
-        with ControlClient(sock, timeout=args.timeout) as client:
-            answer = client.kill(wid, reason=args.reason, force=args.force)
+        with client if client is not None else ControlClient(sock, timeout=args.timeout) as c:
+            answer = c._kill(wid, args.reason, args.force)
     except ControlError as exc:
         sys.stderr.write(
             f"termsafe: cannot reach the host of {wid!r}: {exc} "
@@ -462,18 +524,18 @@ def _kill(args: argparse.Namespace, out: TextIO) -> int:
         )
         return EXIT_NOT_FOUND
     if args.json:
-        out.write(json.dumps(answer.as_dict()) + "\n")
-    elif answer.accepted:
+        out.write(json.dumps(answer) + "\n")
+    elif answer["accepted"]:
         extra = " (deferred: it lands when the critical section ends)" * (
-            answer.decision == "deferred"
+            answer["decision"] == "deferred"
         )
         out.write(f"kill of {wid!r} accepted{extra}; it proceeds in the background\n")
     else:
-        who = answer.principal.get("id", "?")
-        out.write(f"kill of {wid!r} refused: {answer.reason} (you are {who!r})\n")
-    if answer.accepted:
+        who = answer["principal"].get("id", "?")
+        out.write(f"kill of {wid!r} refused: {answer['reason']} (you are {who!r})\n")
+    if answer["accepted"]:
         return EXIT_OK
-    return EXIT_NOT_FOUND if answer.reason == "Workflow not found" else EXIT_REFUSED
+    return EXIT_NOT_FOUND if answer["reason"] == "Workflow not found" else EXIT_REFUSED
 
 
 def _recover(args: argparse.Namespace, out: TextIO) -> int:
@@ -504,6 +566,9 @@ def _recover(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
     from ._supervisor import Supervisor
     from ._terminator import Phases
 
@@ -561,8 +626,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     from ._exceptions import TermsafeError
 
     stream = out if out is not None else sys.stdout
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(args_list[0] if args_list and args_list[0] in COMMANDS else None)
+    args = parser.parse_args(args_list)
     try:
         if args.command == "demo":
             from ._demo import run_demo

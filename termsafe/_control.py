@@ -4,8 +4,9 @@ A process that hosts workflows calls ``serve_control(terminator)``; the
 supervisor (``termsafe run``) does the same for the command it runs. Either
 listens on a Unix socket ``$TERMSAFE_HOME/control/<pid>-<start>.sock`` (one
 listener thread) and records its workflows in the store's runs table, with the
-socket's path, so ``termsafe ps`` lists them and ``termsafe kill ID`` finds
-the socket.
+socket's path, so ``termsafe ps`` lists them. ``termsafe kill ID`` asks the
+sockets which host runs ``ID`` (``_client.find_host``), and the store only when
+they cannot tell.
 
 Trust model
 ===========
@@ -40,14 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import pwd
 import selectors
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 import weakref
@@ -58,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import attrs
 
 from . import _permissions as perms
+from ._client import ACCEPTED, CONTROL_DIR, ControlClient, _sock_address
 from ._exceptions import (
     ConfigurationError,
     ControlError,
@@ -69,6 +69,8 @@ from ._permissions import Principal
 from ._procs import Identity, current_identity, identity_alive
 
 if TYPE_CHECKING:
+    import logging
+
     from ._audit import AuditEvent
     from ._store import Run, SQLiteStore, Store
     from ._terminator import Terminator
@@ -76,25 +78,26 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AccessPolicy",
-    "ControlClient",
     "ControlServer",
     "KillAnswer",
     "Peer",
     "serve_control",
 ]
 
-log = logging.getLogger("termsafe")
 
-#: The folder under ``TERMSAFE_HOME`` that holds the sockets.
-CONTROL_DIR: Final = "control"
+def _log() -> logging.Logger:
+    # Imported when something goes wrong, not by every ``termsafe kill``.
+    import logging
+
+    return logging.getLogger("termsafe")
+
+
 CONTROL_DIR_MODE: Final = 0o711
 SOCKET_MODE: Final = 0o666
 #: The policy file under ``TERMSAFE_HOME``.
 POLICY_FILE: Final = "policy.json"
 #: A request line longer than this is refused (and the connection closed).
 MAX_LINE: Final = 1 << 16
-#: ``sockaddr_un.sun_path`` holds 108 bytes on Linux, 104 on the BSDs, with the NUL.
-_SUN_PATH_MAX: Final = 107 if sys.platform.startswith("linux") else 103
 OPS: Final = ("dependency_ended", "kill", "ping", "ps", "status")
 FINAL_STATES: Final = ("completed", "failed", "terminated", "killed")
 
@@ -314,29 +317,6 @@ def identity_of_socket(path: str | os.PathLike[str], host: str) -> Identity | No
     return Identity(host, int(pid), int(start) / 100)
 
 
-def _sock_address(sock: socket.socket, path: str, connect: bool) -> None:
-    """Bind or connect ``sock`` to ``path``, even when ``path`` is too long for sun_path.
-
-    Linux only: a long path is reached through ``/proc/self/fd/<dir fd>/<name>``,
-    which the kernel resolves to the folder without the length limit.
-    """
-    op = sock.connect if connect else sock.bind
-    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-        op(path)
-        return
-    folder, name = os.path.split(path)
-    if not sys.platform.startswith("linux") or len(os.fsencode(name)) > 64:
-        raise ConfigurationError(
-            f"socket path {path!r} is {len(os.fsencode(path))} bytes, longer than a Unix "
-            f"socket allows ({_SUN_PATH_MAX}); set TERMSAFE_HOME to a shorter folder"
-        )
-    dfd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        op(f"/proc/self/fd/{dfd}/{name}")
-    finally:
-        os.close(dfd)
-
-
 def _prepare_dir(folder: Path) -> None:
     folder.mkdir(mode=CONTROL_DIR_MODE, parents=True, exist_ok=True)
     st = folder.stat()
@@ -542,7 +522,7 @@ class ControlServer:
                     if mask & selectors.EVENT_WRITE and conn.sock.fileno() >= 0:
                         self._flush(sel, conn)
         except Exception:
-            log.exception("termsafe: the control listener failed; %s stops answering", self.path)
+            _log().exception("termsafe: the control listener failed; %s stops answering", self.path)
         finally:
             for key in list(sel.get_map().values()):
                 if isinstance(key.data, _Conn):
@@ -557,7 +537,7 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("termsafe: accept on %s failed: %s", self.path, exc)
+                _log().warning("termsafe: accept on %s failed: %s", self.path, exc)
                 return
             if len(sel.get_map()) - 2 >= MAX_CONNECTIONS:
                 conn.close()
@@ -650,7 +630,7 @@ class ControlServer:
         except _BadRequest as exc:
             return _error(str(exc))
         except Exception as exc:
-            log.exception("termsafe: control request %r failed", op)
+            _log().exception("termsafe: control request %r failed", op)
             return _error(f"{op} failed: {type(exc).__name__}: {exc}")
         return _error(f"unknown op {op!r} (known: {', '.join(OPS)})")
 
@@ -968,7 +948,7 @@ class _RunRegistry:
             try:
                 self._store.run_batch(runs, states)
             except Exception:
-                log.exception("termsafe: recording %d runs in the store failed", len(runs))
+                _log().exception("termsafe: recording %d runs in the store failed", len(runs))
             with self._cond:
                 self._written = upto
                 self._cond.notify_all()
@@ -1084,12 +1064,12 @@ def serve_control(
     return server
 
 
-# -- the client ---------------------------------------------------------------------------
+# -- the client's answer ----------------------------------------------------------------
 
 
 @attrs.frozen
 class KillAnswer:
-    """A control socket's answer to a kill request.
+    """A control socket's answer to a kill request (what ``ControlClient.kill`` returns).
 
     Attributes:
         workflow_id: The workflow.
@@ -1111,7 +1091,7 @@ class KillAnswer:
     @property
     def accepted(self) -> bool:
         """Whether the kill goes ahead (now, or when the critical section ends)."""
-        return self.decision in ("allowed", "deferred")
+        return self.decision in ACCEPTED
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
@@ -1124,120 +1104,6 @@ class KillAnswer:
             "peer": dict(self.peer),
             "note": self.note,
         }
-
-
-class ControlClient:
-    """A connection to a control socket.
-
-    Args:
-        path: The socket (``run.info["socket"]``, or ``ControlServer.path``).
-        timeout: Seconds to wait for the connection and for each answer.
-
-    Raises:
-        ControlError: the socket cannot be reached (its process may be gone:
-            ``termsafe recover`` cleans up after it).
-        ConfigurationError: the path is too long for a Unix socket on this OS.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
-        self.path = os.fspath(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            _sock_address(sock, self.path, connect=True)
-        except OSError as exc:
-            sock.close()
-            raise ControlError(
-                self.path, f"cannot connect: {exc.strerror or exc}", exc.errno
-            ) from None
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        self._buf = b""
-
-    def __repr__(self) -> str:
-        return f"<ControlClient {self.path!r}>"
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection."""
-        self._sock.close()
-
-    def request(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """Send one request and return the answer.
-
-        Raises:
-            ControlError: the connection broke, timed out, or the server
-                answered with an error (its message is the problem).
-        """
-        try:
-            self._sock.sendall(json.dumps(dict(payload)).encode() + b"\n")
-            while b"\n" not in self._buf:
-                chunk = self._sock.recv(1 << 16)
-                if not chunk:
-                    raise ControlError(self.path, "the server closed the connection")
-                self._buf += chunk
-        except OSError as exc:
-            if isinstance(exc, ControlError):
-                raise
-            raise ControlError(
-                self.path, f"request failed: {exc.strerror or exc}", exc.errno
-            ) from None
-        line, self._buf = self._buf.split(b"\n", 1)
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            raise ControlError(self.path, f"answer is not JSON: {line[:80]!r}") from None
-        if not isinstance(answer, dict):
-            raise ControlError(self.path, f"answer is not an object: {answer!r}")
-        if not answer.get("ok"):
-            raise ControlError(self.path, str(answer.get("error", "request failed")))
-        return answer
-
-    def kill(self, workflow_id: str, *, reason: str, force: bool = False) -> KillAnswer:
-        """Ask for a kill; the answer is the decision, the kill proceeds in the background.
-
-        Raises:
-            ControlError: as for ``request``.
-        """
-        a = self.request(
-            {"op": "kill", "workflow_id": workflow_id, "reason": reason, "force": force}
-        )
-        return KillAnswer(
-            str(a.get("workflow_id", workflow_id)),
-            str(a["decision"]),
-            str(a["reason"]),
-            a.get("principal") or {},
-            a.get("peer") or {},
-            a.get("note"),
-        )
-
-    def status(self, workflow_id: str) -> dict[str, Any] | None:
-        """A workflow's live status, or ``None`` when the server has no such workflow.
-
-        Raises:
-            ControlError: as for ``request``.
-        """
-        a = self.request({"op": "status", "workflow_id": workflow_id})
-        if not a.pop("found", False):
-            return None
-        a.pop("ok", None)
-        return a
-
-    def ps(self) -> list[dict[str, Any]]:
-        """The server's live workflows.
-
-        Raises:
-            ControlError: as for ``request``.
-        """
-        workflows = self.request({"op": "ps"}).get("workflows")
-        return list(workflows) if isinstance(workflows, list) else []
 
 
 def run_is_alive(run: Run) -> bool:

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import termsafe as ts
+from termsafe import _cli as cli
 from termsafe._audit import utc_timestamp
+from termsafe._store import default_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +106,44 @@ class TestAuditCommands:
         result = _cli("audit", "verify", str(missing))
         assert 2 == result.returncode
         assert str(missing) in result.stderr
+
+
+class TestParser:
+    @pytest.mark.parametrize("command", cli.COMMANDS)
+    def test_a_command_built_alone_has_the_full_parsers_help(
+        self, command: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A command's parser built alone prints the help the full parser prints for it."""
+        helps = []
+        for parser in (cli._parser(), cli._parser(command)):
+            with pytest.raises(SystemExit) as exited:
+                parser.parse_args([command, "--help"])
+            assert 0 == exited.value.code
+            helps.append(capsys.readouterr().out)
+        assert helps[0] == helps[1]
+        assert f"usage: termsafe {command}" in helps[0]
+
+    def test_kill_parses_alike_either_way(self) -> None:
+        """A kill command line gives the same arguments with the full parser and with kill's."""
+        argv = ["kill", "w1", "--reason", "why", "--force", "--timeout", "2.5", "--json"]
+        assert vars(cli._parser().parse_args(argv)) == vars(cli._parser("kill").parse_args(argv))
+
+    def test_unknown_command_is_refused_listing_the_commands(self) -> None:
+        """An unknown command exits 2 and the error lists the known ones."""
+        result = _cli("kil", "w1")
+        assert 2 == result.returncode
+        assert "invalid choice: 'kil'" in result.stderr
+        assert all(command in result.stderr for command in cli.COMMANDS)
+
+
+class TestHome:
+    @pytest.mark.parametrize("value", [None, "", "/tmp/ts-home", "relative/home"])
+    def test_the_command_finds_the_stores_home(
+        self, value: str | None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The command's TERMSAFE_HOME (read without importing the store) is the store's."""
+        if value is None:
+            monkeypatch.delenv("TERMSAFE_HOME", raising=False)
+        else:
+            monkeypatch.setenv("TERMSAFE_HOME", value)
+        assert default_home() == Path(cli._home())

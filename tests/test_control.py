@@ -7,9 +7,11 @@ clients are real processes: the ``termsafe`` command, run as root or, through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -302,6 +304,47 @@ class TestServeControl:
         assert 4 == gone.returncode
         assert "termsafe recover" in gone.stderr
 
+    def test_kill_asks_the_hosts_and_needs_no_store(self, hosted: Hosted, home: Path) -> None:
+        """With a host that answers, kill needs no store, and a dead host's socket is skipped."""
+        with ts.serve_control(hosted.term):
+            hosted.start("w1")
+            # A home with the control folder and no store at all.
+            bare = Path(tempfile.mkdtemp(prefix="ts-bare-", dir="/tmp"))
+            try:
+                (bare / "control").symlink_to(home / "control")
+                dead = socket.socket(socket.AF_UNIX)
+                dead.bind(str(home / "control" / "1-1.sock"))
+                dead.close()  # the file stays, nobody listens: as after a SIGKILL
+                result = subprocess.run(
+                    [sys.executable, "-m", "termsafe", "kill", "w1", "--reason", "no store"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                    env={**os.environ, "PYTHONPATH": str(ROOT), "TERMSAFE_HOME": str(bare)},
+                )
+            finally:
+                shutil.rmtree(bare)
+            assert 0 == result.returncode, result.stderr
+            assert "kill of 'w1' accepted" in result.stdout
+            assert not (bare / "store.sqlite3").exists()
+            wf = hosted.term.get("w1")
+            assert wf.done_event().wait(WAIT)
+            assert "no store" == wf.kill_reason
+
+    def test_the_commands_json_answer_is_the_kill_answer(self, hosted: Hosted) -> None:
+        """``kill --json`` prints what ``KillAnswer.as_dict()`` gives for the same decision."""
+        with ts.serve_control(hosted.term) as server:
+            result = cli("kill", "nope", "--reason", "x", "--json", "--socket", server.path)
+            assert 4 == result.returncode, result.stderr
+            printed = json.loads(result.stdout)
+            with ts.ControlClient(server.path) as client:
+                answer = client.kill("nope", reason="x").as_dict()
+        assert os.getpid() == answer["peer"].pop("pid")
+        assert os.getpid() != printed["peer"].pop("pid")
+        assert answer == printed
+        assert ("refused", "Workflow not found") == (answer["decision"], answer["reason"])
+
     def test_status_and_ps_over_the_socket(self, hosted: Hosted) -> None:
         """status and ps report live workflows; status of an unknown id is None."""
         with ts.serve_control(hosted.term) as server:
@@ -509,3 +552,62 @@ class TestManyHosts:
                     host.stdout.close()
         assert [0, 0, 0, 0] == [h.returncode for h in hosts]
         assert {"terminated"} == {r.state for r in store.runs()}
+
+    def test_a_stopped_host_does_not_stop_a_kill_elsewhere(
+        self, home: Path, store: SQLiteStore
+    ) -> None:
+        """With one host stopped (SIGSTOP), a kill of another host's workflow still lands."""
+        with _hosts([("a", 3), ("b", 3)]) as hosts:
+            os.kill(hosts[0].pid, signal.SIGSTOP)
+            try:
+                killed = cli("kill", "b-1", "--reason", "elsewhere")
+            finally:
+                os.kill(hosts[0].pid, signal.SIGCONT)
+            assert 0 == killed.returncode, killed.stderr
+            assert hosts[1].stdout is not None
+            assert "finished b-1 terminated elsewhere\n" == hosts[1].stdout.readline()
+
+    def test_one_workflow_id_in_two_hosts_needs_a_run_id(
+        self, home: Path, store: SQLiteStore
+    ) -> None:
+        """A workflow id live in two hosts is refused (exit 2) naming both runs; a run id kills."""
+        with _hosts([("dup", 2), ("dup", 2)]) as hosts:
+            ambiguous = cli("kill", "dup-0", "--reason", "which")
+            assert 2 == ambiguous.returncode, ambiguous.stderr
+            runs = [r for r in store.runs(live_only=True) if r.workflow_id == "dup-0"]
+            assert 2 == len(runs)
+            assert all(r.run_id in ambiguous.stderr for r in runs)
+            (second,) = [r for r in runs if r.process.pid == hosts[1].pid]
+            killed = cli("kill", second.run_id, "--reason", "this one")
+            assert 0 == killed.returncode, killed.stderr
+            assert hosts[1].stdout is not None
+            assert "finished dup-0 terminated this one\n" == hosts[1].stdout.readline()
+
+
+@contextlib.contextmanager
+def _hosts(spec: list[tuple[str, int]]) -> Iterator[list[subprocess.Popen[str]]]:
+    """Host processes running HOST, one per ``(prefix, count)``; shut down on exit."""
+    hosts = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOST, str(n), prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for prefix, n in spec
+    ]
+    try:
+        for host in hosts:
+            assert host.stdout is not None
+            assert "ready\n" == host.stdout.readline()
+        yield hosts
+    finally:
+        for host in hosts:
+            assert host.stdin is not None
+            host.stdin.close()
+        for host in hosts:
+            host.wait(60)
+            if host.stdout is not None:
+                host.stdout.read()
+                host.stdout.close()

@@ -1,24 +1,30 @@
 """Tests for importing termsafe: no side effects, a sorted, honest ``__all__``, and
-what ``import termsafe`` leaves unimported."""
+what ``import termsafe`` and the ``termsafe kill`` command leave unimported."""
 
 from __future__ import annotations
 
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import WAIT, Jobs, TermFactory
 
 import termsafe
 
 ROOT = Path(__file__).parents[1]
 
-#: Not imported by ``import termsafe``: each costs the command line milliseconds.
+#: Imported by neither ``import termsafe`` nor ``termsafe kill``: each costs the
+#: command line milliseconds (attrs alone more than the rest of a kill).
 HEAVY = frozenset(
     {
         "anyio",
@@ -148,6 +154,22 @@ import termsafe  # noqa: E402
 print(sorted(set(sys.modules) - before))
 """
 
+# Runs ``python -m termsafe ARGS`` as runpy does for ``-m``, then reports the
+# modules it loaded on stderr's last line.
+COMMAND = r"""
+import runpy
+import sys
+
+before = set(sys.modules)
+sys.argv = ["termsafe", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("termsafe", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+sys.stderr.write(f"\n{code!r} {sorted(set(sys.modules) - before)!r}\n")
+"""
+
 
 def _run(code: str, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TERMSAFE")}
@@ -162,6 +184,14 @@ def _run(code: str, *args: str, home: Path | None = None) -> subprocess.Complete
         timeout=60,
         check=False,
     )
+
+
+def _command(*args: str, home: Path | None = None) -> tuple[object, set[str], str]:
+    """The exit code of ``python -m termsafe ARGS``, the modules it loaded, its output."""
+    done = _run(COMMAND, *args, home=home)
+    *rest, last = done.stderr.rstrip("\n").split("\n")
+    code, _, modules = last.partition(" ")
+    return ast.literal_eval(code), set(ast.literal_eval(modules)), done.stdout + "\n".join(rest)
 
 
 class TestWhatIsImported:
@@ -182,3 +212,55 @@ class TestWhatIsImported:
             "print(before, 'termsafe._store' in sys.modules, store.__module__)"
         )
         assert "False True termsafe" == done.stdout.strip(), done.stderr
+
+    def test_kill_help_loads_nothing_heavy(self) -> None:
+        """``termsafe kill --help`` loads the command line alone."""
+        code, loaded, out = _command("kill", "--help")
+        assert 0 == code, out
+        assert "--reason REASON" in out
+        assert {"termsafe", "termsafe._cli", "termsafe._exceptions"} == {
+            m for m in loaded if "termsafe" in m
+        }
+        assert set() == loaded & HEAVY
+
+    def test_kill_of_a_live_workflow_loads_no_store_and_no_attrs(
+        self, hosted_home: tuple[Path, threading.Event]
+    ) -> None:
+        """``termsafe kill ID`` of a live workflow asks its host and loads nothing heavy."""
+        home, done = hosted_home
+        code, loaded, out = _command("kill", "w1", "--reason", "imports", home=home)
+        assert 0 == code, out
+        assert "kill of 'w1' accepted" in out
+        assert done.wait(WAIT)
+        assert set() == loaded & HEAVY
+
+
+@pytest.fixture
+def hosted_home(make_term: TermFactory, jobs: Jobs) -> Iterator[tuple[Path, threading.Event]]:
+    """A TERMSAFE_HOME whose control socket serves a live workflow ``w1`` (and an
+    event set when it ended)."""
+    home = Path(tempfile.mkdtemp(prefix="ts-imp-", dir="/tmp"))
+    store = termsafe.SQLiteStore(home / "store.sqlite3")
+    term = make_term(store=store)
+    ready, ended = threading.Event(), threading.Event()
+
+    def body() -> None:
+        try:
+            with term.workflow("w1"):
+                ready.set()
+                while True:
+                    termsafe.sleep(30)
+        finally:
+            ended.set()
+
+    try:
+        with termsafe.serve_control(term, store=store) as server:
+            job = jobs.start(body, name="wf-w1")
+            assert ready.wait(WAIT)
+            assert server.flush(WAIT)
+            yield home, ended
+            term.terminate_all("test over")
+            job.result()
+    finally:
+        store.close()
+        shutil.rmtree(home, ignore_errors=True)
