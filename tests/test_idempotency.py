@@ -1211,6 +1211,66 @@ class TestTakenOverDuringClaim:
         store.close()
 
 
+class TestTakenOverDuringCompensate:
+    def test_compensation_runs_once_at_once_and_the_call_stops(
+        self, make_term: TermFactory, tmp_path: Path, jobs: Jobs
+    ) -> None:
+        """A compensation recorded as the terminator takes over runs at once, once, and is done."""
+        recorded, taken_over = threading.Event(), threading.Event()
+
+        class SlowCompAdd(SQLiteStore):
+            def comp_add(self, *args: Any, **kwargs: Any) -> int:
+                comp_id = super().comp_add(*args, **kwargs)
+                recorded.set()
+                assert taken_over.wait(WAIT)  # the system phase sweeps the hooks meanwhile
+                return comp_id
+
+        system_phase = threading.Event()
+
+        class Sink(termsafe.MemorySink):
+            def emit(self, event: termsafe.AuditEvent) -> None:
+                super().emit(event)
+                if event.type == "phase_changed" and event.details.get("phase") == "system":
+                    system_phase.set()  # emitted once the hook stack is closed
+
+        store = SlowCompAdd(tmp_path / "store.sqlite3")
+        term = make_term(Phases(0.05, 0.05), sink=Sink(), section_grace={"api": 0.05})
+        undone: list[tuple[str, Any]] = []
+        raised: list[BaseException] = []
+
+        def refund(charge: Any) -> None:
+            undone.append((threading.current_thread().name, charge))
+
+        def run() -> None:
+            with term.workflow("payer"):
+                try:
+                    with idempotent_call("k-1", request={"n": 1}, store=store) as call:
+                        call.record({"charge": "ch_1"})
+                        call.compensate(refund, "ch_1", name="refund")
+                except BaseException as exc:
+                    raised.append(exc)
+                    raise
+
+        job = jobs.start(run)
+        try:
+            assert recorded.wait(WAIT)
+            handle = term.kill("payer", by=ADMIN)
+            # The sweep's own rollback of the call waits for compensate() to
+            # return: release it once the takeover has closed the stack.
+            assert system_phase.wait(WAIT)
+        finally:
+            taken_over.set()
+        assert WorkflowState.KILLED == handle.wait(WAIT)
+        job.result()
+        assert [termsafe.ForcedTermination] == [type(e) for e in raised]
+        assert [("test-job", "ch_1")] == undone
+        assert ["done"] == [c.status for c in store.comp_list("k-1")]
+        # Nothing left for a later sweep to run a second time.
+        assert [] == run_pending_compensations("k-1", {"refund": refund}, store=store, force=True)
+        assert 1 == len(undone)
+        store.close()
+
+
 class TestWorkflow:
     def test_kill_deferred_until_recorded(
         self,
