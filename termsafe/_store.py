@@ -243,8 +243,13 @@ class Store(Protocol):
     def idem_info(self, key: str) -> IdempotencyRecord | None:
         """What the store knows about ``key``, or ``None``."""
 
-    def idem_prune(self, older_than: float) -> int:
-        """Delete settled keys untouched for ``older_than`` seconds; return how many."""
+    def idem_prune(
+        self, older_than: float, *, now: float | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete settled keys untouched for ``older_than`` seconds before ``now``; return how many.
+
+        ``dry_run``: delete nothing, count what would go.
+        """
 
     def comp_add(self, key: str, epoch: int, name: str, payload: Any) -> int:
         """Record a pending compensation for ``key``; fenced by ``epoch``."""
@@ -263,6 +268,15 @@ class Store(Protocol):
 
     def clear_checkpoint(self, workflow_id: str) -> None:
         """Forget the workflow's checkpoint (it completed)."""
+
+    def checkpoint_prune(
+        self, older_than: float, *, now: float | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete checkpoints not saved for ``older_than`` seconds before ``now``; return how many.
+
+        A checkpoint of a workflow with a live run in the registry is kept.
+        ``dry_run``: delete nothing, count what would go.
+        """
 
     def run_register(
         self,
@@ -290,6 +304,14 @@ class Store(Protocol):
 
     def runs(self, *, live_only: bool = False) -> list[Run]:
         """Registered runs, oldest first (``live_only``: not yet in a final state)."""
+
+    def run_prune(
+        self, older_than: float, *, now: float | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete runs that ended ``older_than`` seconds before ``now``; return how many.
+
+        Only runs in a final state go. ``dry_run``: delete nothing, count what would go.
+        """
 
     def close(self) -> None:
         """Close the store's connections."""
@@ -355,6 +377,27 @@ _SQL_IDEM_INSERT: Final = (
 _SQL_IDEM_RECORD: Final = (
     "UPDATE idempotency SET status = 'done', result = ?, updated_at = ? "
     "WHERE key = ? AND epoch = ? AND status = 'in_flight'"
+)
+# Retention: (count, delete) statements with one WHERE, whose parameter is the
+# cutoff time. Settled keys only (never in flight or unknown); checkpoints of
+# workflows without a live run; runs in a final state, by when they ended.
+_SQL_IDEM_PRUNE: Final = (
+    "SELECT count(*) FROM idempotency WHERE status IN ('done', 'released') AND updated_at < ?",
+    "DELETE FROM idempotency WHERE status IN ('done', 'released') AND updated_at < ?",
+)
+_SQL_CHECKPOINT_PRUNE: Final = (
+    "SELECT count(*) FROM checkpoints WHERE saved_at < ? AND workflow_id NOT IN "
+    "(SELECT workflow_id FROM runs WHERE state NOT IN "
+    "('completed', 'failed', 'terminated', 'killed'))",
+    "DELETE FROM checkpoints WHERE saved_at < ? AND workflow_id NOT IN "
+    "(SELECT workflow_id FROM runs WHERE state NOT IN "
+    "('completed', 'failed', 'terminated', 'killed'))",
+)
+_SQL_RUN_PRUNE: Final = (
+    "SELECT count(*) FROM runs WHERE state IN ('completed', 'failed', 'terminated', 'killed') "
+    "AND coalesce(ended_at, started_at) < ?",
+    "DELETE FROM runs WHERE state IN ('completed', 'failed', 'terminated', 'killed') "
+    "AND coalesce(ended_at, started_at) < ?",
 )
 # Claim(...) through NamedTuple's generated __new__ costs a Python call; the
 # fast paths build the tuple directly (every field given, in order).
@@ -605,6 +648,22 @@ class SQLiteStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # -- retention ----------------------------------------------------------------
+
+    def _prune(
+        self, sql: tuple[str, str], older_than: float, now: float | None, dry_run: bool
+    ) -> int:
+        """Count (``dry_run``) or delete, durably, the rows older than the cutoff.
+
+        ``sql`` is a ``(count, delete)`` pair of statements sharing one
+        ``WHERE``, whose one parameter is the cutoff.
+        """
+        cutoff = (time.time() if now is None else now) - older_than
+        if dry_run:
+            return int(self._conn().execute(sql[0], (cutoff,)).fetchone()[0])
+        with self._tx() as tx:
+            return tx.execute(sql[1], (cutoff,)).rowcount
+
     # -- checkpoints --------------------------------------------------------------
 
     def save_checkpoint(self, workflow_id: str, state: Any) -> None:
@@ -635,6 +694,27 @@ class SQLiteStore:
         """Forget ``workflow_id``'s checkpoint (the workflow completed)."""
         with self._tx() as tx:
             tx.execute("DELETE FROM checkpoints WHERE workflow_id = ?", (workflow_id,))
+
+    def checkpoint_prune(
+        self, older_than: float, *, now: float | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete checkpoints not saved for ``older_than`` seconds.
+
+        A checkpoint is the resume point of a workflow that did not complete
+        (a completed one clears its own). One whose workflow has a run in the
+        registry that is not in a final state yet is kept whatever its age:
+        that run may still resume from it.
+
+        Args:
+            older_than: Retention in seconds: a checkpoint goes when it was last
+                saved strictly before ``now - older_than``.
+            now: The time ages are measured from (default ``time.time()``).
+            dry_run: Delete nothing; count the checkpoints that would go.
+
+        Returns:
+            How many checkpoints were deleted (or would be).
+        """
+        return self._prune(_SQL_CHECKPOINT_PRUNE, older_than, now, dry_run)
 
     # -- journal ------------------------------------------------------------------
 
@@ -960,20 +1040,29 @@ class SQLiteStore:
             row[7],
         )
 
-    def idem_prune(self, older_than: float) -> int:
+    def idem_prune(
+        self, older_than: float, *, now: float | None = None, dry_run: bool = False
+    ) -> int:
         """Delete settled keys (done/released) untouched for ``older_than`` seconds.
 
+        Keys in flight or with an unknown outcome are never deleted. Finished
+        compensations (done/failed) of the same age go too.
+
+        Args:
+            older_than: Retention in seconds: a key goes when its last change is
+                strictly older than ``now - older_than``.
+            now: The time ages are measured from (default ``time.time()``).
+            dry_run: Delete nothing; count the keys that would go.
+
         Returns:
-            How many keys were deleted.
+            How many keys were deleted (or would be).
         """
-        cutoff = time.time() - older_than
+        if dry_run:
+            return self._prune(_SQL_IDEM_PRUNE, older_than, now, dry_run)
+        cutoff = (time.time() if now is None else now) - older_than
         try:
             with self._tx() as tx:
-                cur = tx.execute(
-                    "DELETE FROM idempotency "
-                    "WHERE status IN ('done', 'released') AND updated_at < ?",
-                    (cutoff,),
-                )
+                cur = tx.execute(_SQL_IDEM_PRUNE[1], (cutoff,))
                 tx.execute(
                     "DELETE FROM compensations "
                     "WHERE status IN ('done', 'failed') AND updated_at < ?",
@@ -1129,6 +1218,27 @@ class SQLiteStore:
             )
             for r in rows
         ]
+
+    def run_prune(
+        self, older_than: float, *, now: float | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete the records of runs that ended ``older_than`` seconds ago.
+
+        Only runs in a final state (completed, failed, terminated, killed) go,
+        by the time they ended (their start, for a run recorded as ended
+        without an end time). A live run, or one whose process died and that
+        ``recover`` has not closed yet, is kept whatever its age.
+
+        Args:
+            older_than: Retention in seconds: a run goes when it ended strictly
+                before ``now - older_than``.
+            now: The time ages are measured from (default ``time.time()``).
+            dry_run: Delete nothing; count the runs that would go.
+
+        Returns:
+            How many runs were deleted (or would be).
+        """
+        return self._prune(_SQL_RUN_PRUNE, older_than, now, dry_run)
 
     def run_batch(
         self, new: Sequence[Run] = (), states: Sequence[tuple[str, str, bool]] = ()
