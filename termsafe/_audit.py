@@ -62,7 +62,8 @@ named by ``VerifyReport.path``):
   line, not the next one, is named. With a key, a line carrying a recomputed
   plain SHA-256 is an edit too.
 * ``deleted``: ``seq`` jumps forward, and the missing numbers appear nowhere
-  later (also when the trail does not start at ``seq`` 1).
+  later (also when the trail does not start at ``seq`` 1 and no recorded prune
+  explains it, see Retention).
 * ``inserted``: a ``seq`` already seen (a copied line, or a forged one followed
   by the line that rightly holds the place), or a forward jump to a ``seq``
   that appears again later. Of two identical neighbours, the second is named.
@@ -76,8 +77,32 @@ named by ``VerifyReport.path``):
 Rotation: with ``max_bytes`` the current file moves to ``path.1`` (older ones
 shift up) and the chain goes on in a new ``path``. ``verify_audit_log(path)``
 checks the whole set, oldest first, as one chain from ``GENESIS``: deleting an
-old file is detected (as deleted lines), so keep them, or archive and verify
-the set together. A rotated file ends with one empty line, its seal.
+old file is detected (as deleted lines), so keep them, archive and verify
+the set together, or let ``apply_retention`` remove them (see Retention). A
+rotated file ends with one empty line, its seal.
+
+Retention
+=========
+
+``apply_retention`` (through ``JsonlSink._prune``) is the one way old files
+leave a trail without breaking its proof. Under the trail's lock it verifies
+the whole trail (a trail that does not verify is left as it is: pruning it
+would destroy the evidence), picks the oldest rotated files whose newest event
+is past the retention (never the current file, never a file newer than one
+that stays), appends an ``audit_pruned`` event through the chain, fsyncs it,
+and only then unlinks the files, oldest first. Its details hold, for each file
+removed, the ``seq`` and ``hash`` of its last line (``heads``). No line is
+ever edited, and the files that stay keep their numbers (the oldest, highest
+numbers go), so later rotations go on as before.
+
+The verifier then accepts a trail that does not start at ``seq`` 1 when, and
+only when, the trail holds an ``audit_pruned`` event whose ``heads`` include
+the ``seq`` just before its first line and that line's ``prev``; the record is
+itself a line of the chain, checked like any other. Any other missing start
+is still ``deleted``. A crash between the record and the last unlink leaves
+either the whole trail (it starts at ``seq`` 1) or a prefix gone that ends at
+a recorded head: both verify. Like any line, a record in a keyless trail can
+be forged by someone who can write the file; with a key it cannot.
 
 Concurrency
 ===========
@@ -117,7 +142,7 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping
-from typing import Any, Final, Literal, Protocol, cast, runtime_checkable
+from typing import Any, Final, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 import attrs
 
@@ -850,7 +875,8 @@ class JsonlSink:
             the event is not written.
         max_bytes: Rotate before a line would make the file larger than this:
             ``path`` becomes ``path.1`` (older ones shift up, ``.1`` to ``.2`` and
-            so on; none is ever deleted) and a new ``path`` continues the chain
+            so on; none is deleted, except by ``apply_retention``, which records
+            it in the chain) and a new ``path`` continues the chain
             (its first ``prev`` is the last hash of ``path.1``, its ``seq``
             follows on). A rotated file ends with one empty line, the seal that
             tells other writers still holding it open to move on; with it, each
@@ -950,35 +976,7 @@ class JsonlSink:
                 raise AuditTrailError(f"emit() on a closed JsonlSink for {self.path!r}")
             checked = self._lock_trail(create=True)
             try:
-                while True:
-                    seq = self._head_seq + 1
-                    tail = self._head_hash.encode() + b'","seq":' + str(seq).encode() + b"}"
-                    body = prefix + self._mac_part + tail
-                    if self._key is None:
-                        digest = hashlib.sha256(body).hexdigest()
-                    else:
-                        digest = hmac.digest(self._key, body, "sha256").hex()
-                    line = (
-                        prefix
-                        + b',"hash":"'
-                        + digest.encode()
-                        + b'"'
-                        + self._mac_part
-                        + tail
-                        + b"\n"
-                    )
-                    if self.max_bytes is None or self._size + len(line) < self.max_bytes:
-                        break
-                    if self._size <= 0:
-                        break  # a line longer than max_bytes gets a file of its own
-                    if checked:
-                        self._rotate()
-                        break
-                    # Renaming files on the fast path's word alone is too bold:
-                    # make sure ``_fd`` is the file at ``path`` first.
-                    self._sync_head(create=True)
-                    checked = True
-                self._write(line, seq, digest)
+                self._append(prefix, checked)
             finally:
                 self._unlock_trail()
             if self.fsync != "never":
@@ -1047,6 +1045,138 @@ class JsonlSink:
         self.close()
 
     # -- internals ------------------------------------------------------------------
+
+    def _append(self, prefix: bytes, checked: bool) -> None:
+        """Under both locks: chain an event (``prefix`` is ``{"event":...``) to the head.
+
+        Rotates first when the line would take the file past ``max_bytes``.
+        ``checked``: the head was just read from the file (``_lock_trail``'s
+        full check), so a rotation may go ahead at once.
+        """
+        while True:
+            seq = self._head_seq + 1
+            tail = self._head_hash.encode() + b'","seq":' + str(seq).encode() + b"}"
+            body = prefix + self._mac_part + tail
+            if self._key is None:
+                digest = hashlib.sha256(body).hexdigest()
+            else:
+                digest = hmac.digest(self._key, body, "sha256").hex()
+            line = prefix + b',"hash":"' + digest.encode() + b'"' + self._mac_part + tail + b"\n"
+            if self.max_bytes is None or self._size + len(line) < self.max_bytes:
+                break
+            if self._size <= 0:
+                break  # a line longer than max_bytes gets a file of its own
+            if checked:
+                self._rotate()
+                break
+            # Renaming files on the fast path's word alone is too bold:
+            # make sure ``_fd`` is the file at ``path`` first.
+            self._sync_head(create=True)
+            checked = True
+        self._write(line, seq, digest)
+
+    def _prune(self, older_than: float, now: float, *, dry_run: bool) -> PrunedFiles:
+        """Delete the oldest rotated files whose newest event is older than ``older_than``.
+
+        Everything happens under the trail's lock, in this order, so that a
+        crash at any point leaves a trail that verifies:
+
+        1. The whole trail is verified; one that does not verify is left as it
+           is (``AuditTrailError``): pruning would destroy the evidence.
+        2. The plan: rotated files, oldest first, as long as each one's newest
+           event is older than ``now - older_than``. The current file is never
+           among them, nor any file newer than one that stays.
+        3. An ``audit_pruned`` event is appended through the chain, and
+           fsynced: the ``seq`` and ``hash`` of the last line of every file
+           about to go (``details["heads"]``), so the verifier can start from
+           any file that then comes first.
+        4. The files are unlinked, oldest first (so the highest numbers go and
+           ``path.1`` ... ``path.N`` stay contiguous). An unsealed one is
+           sealed first, so a sink still holding it open moves on.
+
+        Args:
+            older_than: Retention in seconds.
+            now: Seconds since the epoch that ages are measured from.
+            dry_run: Plan, and report, but change nothing (no event, no deletion).
+
+        Returns:
+            What was (or, with ``dry_run``, would be) removed.
+
+        Raises:
+            FileNotFoundError: There is no trail at ``path``.
+            AuditTrailError: The trail does not verify, or the sink is closed.
+            ConfigurationError: The trail is signed differently from this sink.
+        """
+        cutoff_ms = (now - older_than) * 1000.0
+        with self._lock:
+            if self._closed:
+                raise AuditTrailError(f"prune on a closed JsonlSink for {self.path!r}")
+            _trail_files(self.path)  # FileNotFoundError: no trail at all
+            self._checked_at = -math.inf
+            # A real prune appends its record: like emit, it needs the current file.
+            self._lock_trail(create=not dry_run)
+            try:
+                report = verify_audit_log(self.path, key=self._key)
+                if not report.ok:
+                    raise AuditTrailError(
+                        f"audit trail {self.path!r} does not verify ({report.kind}: "
+                        f"{report.message}): nothing pruned, the evidence is kept as it is"
+                    )
+                plan = _prune_plan(_trail_files(self.path)[:-1], cutoff_ms)
+                pruned = PrunedFiles(len(plan), sum(f.lines for f in plan))
+                if dry_run or not plan:
+                    return pruned
+                for f in plan:
+                    if not f.sealed:
+                        _seal(f.path, durable=self.fsync != "never")
+                self._record_prune(plan, older_than, now)
+                self._unlink(plan)
+                return pruned
+            finally:
+                self._unlock_trail()
+
+    def _record_prune(self, plan: list[_PrunePlanFile], older_than: float, now: float) -> None:
+        # Not passed through ``redact``: the record holds no personal data,
+        # and the verifier needs every field of it.
+        event = AuditEvent._trusted(
+            0,
+            utc_timestamp(),
+            "audit_pruned",
+            None,
+            None,
+            f"retention: rotated files whose newest event is older than {older_than:g} s",
+            None,
+            {
+                "files": len(plan),
+                "lines": sum(f.lines for f in plan),
+                "first_seq": plan[0].first_seq,
+                "last_seq": plan[-1].last_seq,
+                "heads": [[f.last_seq, f.last_hash] for f in plan],
+                "older_than_s": older_than,
+                "cutoff": utc_timestamp(max(0.0, now - older_than)),
+                "newest_pruned": utc_timestamp(plan[-1].newest_ms / 1000.0),
+            },
+        )
+        self._append(b'{"event":' + _encode_event(event), True)
+        # The record must be on disk before the first file goes.
+        self._sync()
+
+    def _unlink(self, plan: list[_PrunePlanFile]) -> None:
+        # Appending the record may have rotated the trail (every rotated file
+        # moved up one number): find each planned file by its inode.
+        where: dict[tuple[int, int], str] = {}
+        for _, name in _rotated(self.path):
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                continue
+            where[(st.st_dev, st.st_ino)] = name
+        for f in plan:  # oldest first: a crash leaves a prefix gone, which the record covers
+            found = where.get(f.ident)
+            if found is not None:  # else gone already, not by us: the verifier will say so
+                os.unlink(found)
+        if self.fsync != "never":
+            _fsync_dir(os.path.dirname(self.path))
 
     def _after_fork(self) -> None:
         # A child inherits our descriptors, and flock belongs to the open file
@@ -1267,6 +1397,145 @@ class JsonlSink:
 
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 
+
+# -- retention ------------------------------------------------------------------------
+
+#: The type of the event that records a prune; the verifier looks for it.
+PRUNED_EVENT: Final = "audit_pruned"
+_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_MS: Final = datetime.timedelta(milliseconds=1)
+
+
+class PrunedFiles(NamedTuple):
+    """What a prune of the trail removed (or, in a dry run, would remove).
+
+    Attributes:
+        files: Rotated files.
+        lines: The trail lines they held.
+    """
+
+    files: int
+    lines: int
+
+
+@attrs.frozen
+class _PrunePlanFile:
+    path: str
+    ident: tuple[int, int]
+    lines: int
+    first_seq: int
+    last_seq: int
+    last_hash: str
+    newest_ms: int
+    sealed: bool
+
+
+def _event_ms(timestamp: object) -> int | None:
+    """An event's ``timestamp`` as whole milliseconds since the epoch, or ``None``."""
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        dt = datetime.datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return (dt - _EPOCH) // _MS
+
+
+def _scan_rotated(name: str) -> _PrunePlanFile | None:
+    """What a prune needs to know of one rotated file; ``None`` if it cannot go.
+
+    A file that cannot go: empty, a line that is not a trail line (torn,
+    damaged), or an event whose ``timestamp`` is not ISO 8601 (its age is
+    unknown, so it is kept).
+    """
+    with open(name, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        lines = 0
+        first_seq = last_seq = 0
+        last_hash = GENESIS
+        newest: int | None = None
+        sealed = False
+        for raw in fh:
+            if raw == b"\n":
+                sealed = True
+                continue
+            sealed = False
+            rec, _ = _parse_line(raw)
+            if rec is None or not raw.endswith(b"\n"):
+                return None
+            ms = _event_ms(rec["event"].get("timestamp"))
+            if ms is None:
+                return None
+            newest = ms if newest is None else max(newest, ms)
+            lines += 1
+            if lines == 1:
+                first_seq = rec["seq"]
+            last_seq, last_hash = rec["seq"], rec["hash"]
+    if newest is None:
+        return None
+    return _PrunePlanFile(
+        name, (st.st_dev, st.st_ino), lines, first_seq, last_seq, last_hash, newest, sealed
+    )
+
+
+def _prune_plan(rotated: list[str], cutoff_ms: float) -> list[_PrunePlanFile]:
+    """The rotated files (given oldest first) that go: a prefix, each one all old."""
+    plan = []
+    for name in rotated:
+        f = _scan_rotated(name)
+        # A timestamp is cut to the millisecond: the event happened up to 1 ms
+        # after it says, so a file goes only when even that is past the cutoff.
+        if f is None or f.newest_ms + 1 > cutoff_ms:
+            break
+        plan.append(f)
+    return plan
+
+
+def _seal(name: str, *, durable: bool) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_APPEND | _O_CLOEXEC)
+    try:
+        os.write(fd, b"\n")
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recorded_heads(files: list[str]) -> dict[int, set[str]]:
+    """``seq -> {hash}`` of every line an ``audit_pruned`` event says was pruned up to.
+
+    Read without checking the chain: the verifier checks every line anyway,
+    so a record that is not part of the chain fails there.
+    """
+    heads: dict[int, set[str]] = {}
+    marker = b'"type":"' + PRUNED_EVENT.encode() + b'"'
+    for name in files:
+        try:
+            fh = open(name, "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            continue
+        with fh:
+            for raw in fh:
+                if marker not in raw:
+                    continue
+                rec, _ = _parse_line(raw)
+                if rec is None or rec["event"].get("type") != PRUNED_EVENT:
+                    continue
+                details = rec["event"].get("details")
+                pairs = details.get("heads") if isinstance(details, dict) else None
+                for pair in pairs if isinstance(pairs, list) else ():
+                    if (
+                        isinstance(pair, list)
+                        and len(pair) == 2
+                        and type(pair[0]) is int
+                        and isinstance(pair[1], str)
+                    ):
+                        heads.setdefault(pair[0], set()).add(pair[1])
+    return heads
+
+
 _SINKS: weakref.WeakSet[JsonlSink] = weakref.WeakSet()
 _fork_hook_installed = False
 _fork_hook_lock = threading.Lock()
@@ -1331,6 +1600,8 @@ class VerifyReport:
         torn_tail: The only problem is a torn last line.
         path: The file holding ``first_bad_line`` (the trail may span rotated
             files); ``None`` when there is no problem.
+        pruned_through: The last ``seq`` of the files a recorded prune removed
+            (the trail now starts at the next one); 0 when it starts at ``seq`` 1.
     """
 
     ok: bool
@@ -1340,6 +1611,7 @@ class VerifyReport:
     message: str
     torn_tail: bool = False
     path: str | None = None
+    pruned_through: int = 0
 
 
 def _parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
@@ -1438,6 +1710,8 @@ class _Verifier:
         self._checked = 0
         self._last_path = files[-1]
         self._last_lineno = 0
+        self._pruned_through = 0
+        self._heads: dict[int, set[str]] | None = None
 
     def close(self) -> None:
         self._lines.close()  # closes the file it stopped in
@@ -1540,6 +1814,18 @@ class _Verifier:
                     "edited",
                     f"the content does not match its hash (seq {seq}): the line was edited",
                 )
+            if prev_line is None and seq > want_seq and self._recorded_start(seq, rec["prev"]):
+                # The files before this one were pruned, and the trail says so.
+                if anchor is not None and anchor.seq == seq - 1 and anchor.hash != rec["prev"]:
+                    return self._bad(
+                        line,
+                        "truncated",
+                        f"the trail was pruned up to seq {seq - 1}, whose hash does not match "
+                        f"the anchor's (hash {anchor.hash[:12]}..., recorded "
+                        f"{rec['prev'][:12]}...): it was rewritten at or before that line",
+                    )
+                want_seq, want_prev = seq, rec["prev"]
+                self._pruned_through = seq - 1
             if seq == want_seq:
                 if rec["prev"] != want_prev:
                     return self._broken_link(line, prev_line, want_prev)
@@ -1567,6 +1853,12 @@ class _Verifier:
             self._last_path, self._last_lineno = line.path, line.lineno
         return self._end(want_seq)
 
+    def _recorded_start(self, seq: int, prev: str) -> bool:
+        """Whether an ``audit_pruned`` event records a prune that ended at ``seq - 1``, ``prev``."""
+        if self._heads is None:
+            self._heads = _recorded_heads(self._files)
+        return prev in self._heads.get(seq - 1, ())
+
     def _last_lineno_in_last_file(self) -> int:
         return self._last_lineno if self._last_path == self._files[-1] else 0
 
@@ -1586,13 +1878,17 @@ class _Verifier:
                 ),
                 path=self._files[-1],
             )
-        files = f" ({len(self._files)} files)" if len(self._files) > 1 else ""
+        notes = [f"{len(self._files)} files"] if len(self._files) > 1 else []
+        if self._pruned_through:
+            notes.append(f"seqs 1..{self._pruned_through} pruned, as the trail records")
         return VerifyReport(
             ok=True,
             lines=self._checked,
             first_bad_line=None,
             kind=None,
-            message=f"{self._checked} lines, chain intact{files}",
+            message=f"{self._checked} lines, chain intact"
+            + (f" ({'; '.join(notes)})" * bool(notes)),
+            pruned_through=self._pruned_through,
         )
 
     def _torn(self, line: _Line, want_seq: int) -> VerifyReport:
@@ -1615,6 +1911,7 @@ class _Verifier:
             ),
             torn_tail=True,
             path=line.path,
+            pruned_through=self._pruned_through,
         )
 
     def _broken_link(self, line: _Line, prev_line: _Line | None, want_prev: str) -> VerifyReport:
@@ -1677,6 +1974,11 @@ class _Verifier:
         gap = f"seq {want_seq}" if seq == want_seq + 1 else f"seqs {want_seq}..{seq - 1}"
         where = "the trail starts" if want_seq == 1 else f"seq {want_seq - 1} is followed by"
         hint = " (is a rotated file missing?)" if line.lineno == 1 else ""
+        if want_seq == 1 and self._heads:
+            hint = (
+                f" (the trail records a prune of seqs up to {max(self._heads)}, not up to "
+                f"seq {seq - 1} with this line's prev: the rest was not removed by a prune)"
+            )
         return self._bad(line, "deleted", f"{where} seq {seq}: {gap} deleted{hint}")
 
 
@@ -1688,7 +1990,10 @@ def verify_audit_log(
     If rotated files exist next to ``path`` (``path.N`` ... ``path.1``), the
     whole set is verified as one chain, oldest first, so deleting a rotated
     file is detected as deleted lines. The chain must start at ``seq`` 1 from
-    ``GENESIS``. The file is read without taking the trail's lock: a line being
+    ``GENESIS``, or right after a prune the trail records: an ``audit_pruned``
+    event (written by ``apply_retention``) naming the ``seq`` and ``hash`` the
+    first remaining line follows; ``VerifyReport.pruned_through`` then says
+    where. The file is read without taking the trail's lock: a line being
     written at that moment shows as a torn tail.
 
     Args:
