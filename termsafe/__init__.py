@@ -116,6 +116,11 @@ if TYPE_CHECKING:
         WorkflowHistory,
         replay_audit,
     )
+    from ._retention import (
+        RetentionPolicy,
+        RetentionReport,
+        apply_retention,
+    )
     from ._sections import (
         CriticalSection,
         critical_section,
@@ -195,6 +200,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "_permissions": ("Decision", "Principal"),
     "_recovery": ("RecoveredRun", "RecoverReport", "SweepReport", "recover", "sweep_journal"),
     "_replay": ("Replay", "WorkflowHistory", "replay_audit"),
+    "_retention": ("RetentionPolicy", "RetentionReport", "apply_retention"),
     "_sections": ("CriticalSection", "critical_section", "shielded"),
     "_signals": ("SignalHandlers", "install_signal_handlers"),
     "_states": ("TRANSITIONS", "WorkflowState"),
@@ -266,6 +272,8 @@ __all__ = [
     "RecoverReport",
     "RecoveredRun",
     "Replay",
+    "RetentionPolicy",
+    "RetentionReport",
     "RunResult",
     "SQLiteStore",
     "SignalHandlers",
@@ -289,6 +297,7 @@ __all__ = [
     "WorkflowHistory",
     "WorkflowNotFound",
     "WorkflowState",
+    "apply_retention",
     "atomic_directory",
     "atomic_file",
     "checkpoint",

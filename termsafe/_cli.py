@@ -4,8 +4,8 @@ Exit codes:
 
 * 0: success (``kill``: the kill was accepted, now or deferred; ``recover``:
   everything dead processes left is settled);
-* 1: a check failed: the demo's verdict, a trail that does not verify,
-  ``recover`` left something it could not settle (printed);
+* 1: a check failed: the demo's verdict, a trail that does not verify (``prune``
+  then removes nothing), ``recover`` left something it could not settle (printed);
 * 2: bad usage or input (argparse's convention), with a message that names the
   bad value;
 * 3: ``kill`` refused: insufficient permissions, or the workflow has finished;
@@ -65,6 +65,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def _duration(text: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain seconds, as seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90d, 12h, 30m, 45s or 2w (got {text!r})"
+        )
+    return value
+
+
 def _path(text: str) -> Path:
     from pathlib import Path  # only the commands that take a path need it
 
@@ -72,7 +89,7 @@ def _path(text: str) -> Path:
 
 
 #: The commands, in the order ``termsafe --help`` lists them.
-COMMANDS = ("demo", "audit", "ps", "status", "kill", "timeline", "recover", "run")
+COMMANDS = ("demo", "audit", "ps", "status", "kill", "timeline", "recover", "prune", "run")
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -173,6 +190,36 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
             help="seconds between SIGTERM and SIGKILL for orphan processes (default 1)",
         )
         recover.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    if wanted("prune"):
+        prune = sub.add_parser(
+            "prune",
+            help="remove data older than its retention: audit files, store records",
+            description=(
+                "Remove what is older than its retention: whole rotated files of the audit "
+                "trail (recorded in the trail first, so it still verifies), checkpoints, "
+                "settled idempotency records and the records of ended runs. A kind whose "
+                "option is not given is kept. Durations: 90d, 12h, 30m, 45s, 2w or seconds."
+            ),
+        )
+        for kind, what in (
+            ("audit", "rotated audit files whose newest event is older than this"),
+            ("checkpoints", "checkpoints not saved for this long"),
+            ("idempotency", "settled idempotency records untouched for this long"),
+            ("runs", "records of runs that ended this long ago"),
+        ):
+            prune.add_argument(f"--{kind}", type=_duration, metavar="AGE", help=what)
+        prune.add_argument(
+            "--audit-path",
+            type=_path,
+            metavar="PATH",
+            help="the audit trail (default: $TERMSAFE_HOME/audit.jsonl)",
+        )
+        prune.add_argument("--key-file", type=_path, help="file holding the HMAC key (raw bytes)")
+        prune.add_argument(
+            "--dry-run", action="store_true", help="say what would go; remove nothing"
+        )
+        prune.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     if wanted("run"):
         run = sub.add_parser(
@@ -387,8 +434,8 @@ def _find(store: SQLiteStore, ident: str, *, live_only: bool = False) -> list[Ru
     """Runs with this run id, else with this workflow id (newest last).
 
     ``live_only``: only runs not yet in a final state (the store keeps every
-    run that ever ended; reading them all would make a kill as slow as the
-    history is long).
+    run that ended until ``prune --runs`` removes it; reading them all would make
+    a kill as slow as the history is long).
     """
     run = store.run_get(ident)
     if run is not None:
@@ -565,6 +612,41 @@ def _recover(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if report.clean else EXIT_FAILED
 
 
+def _prune(args: argparse.Namespace, out: TextIO) -> int:
+    from ._audit import AuditTrailError
+    from ._retention import RetentionPolicy, apply_retention
+
+    kinds = ("audit", "checkpoints", "idempotency", "runs")
+    if all(getattr(args, kind) is None for kind in kinds):
+        raise ValueError("give at least one of --audit, --checkpoints, --idempotency, --runs")
+    store = _open_store()
+    store_path = os.path.join(_home(), "store.sqlite3")
+    no_store = [k for k in kinds[1:] if getattr(args, k) is not None and store is None]
+    trail = args.audit_path
+    if trail is None:
+        default = os.path.join(_home(), "audit.jsonl")
+        # The prune's record goes to an existing trail; none is made for it.
+        trail = default if args.audit is not None or os.path.exists(default) else None
+    policy = RetentionPolicy(**{k: None if k in no_store else getattr(args, k) for k in kinds})
+    try:
+        report = apply_retention(
+            policy,
+            store=store,
+            audit_path=trail,
+            audit_key=args.key_file.read_bytes() if args.key_file is not None else None,
+            dry_run=args.dry_run,
+        )
+    except AuditTrailError as exc:
+        sys.stderr.write(f"termsafe: {exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        out.write(json.dumps(report.as_dict()) + "\n")
+        return EXIT_OK
+    for kind, line in zip(kinds, report.lines(), strict=True):
+        out.write(f"{kind}: no store at {store_path}\n" if kind in no_store else line + "\n")
+    return EXIT_OK
+
+
 def _run(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
@@ -648,6 +730,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
             return _recover(args, stream)
         if args.command == "timeline":
             return _timeline(args, stream)
+        if args.command == "prune":
+            return _prune(args, stream)
         if args.command == "run":
             return _run(args)
     except (OSError, ValueError, TermsafeError) as exc:
