@@ -85,15 +85,23 @@ class Hook:
 
 
 class HookStack:
-    """A LIFO stack of hooks; every method is thread-safe."""
+    """A LIFO stack of hooks; every method is thread-safe.
 
-    __slots__ = ("_closed", "_hooks", "_lock", "running")
+    When the terminator takes a workflow's hooks over (``take_over``), only it
+    claims from then on, and the stack closes the moment its sweep finds it
+    empty: a hook pushed before that is swept in LIFO order with the rest, a
+    hook pushed after is refused (``HookStackClosed``), since nobody would
+    ever run it.
+    """
 
-    def __init__(self, *, closed: bool = False) -> None:
+    __slots__ = ("_closed", "_hooks", "_lock", "_taken", "running")
+
+    def __init__(self, *, taken: bool = False, closed: bool = False) -> None:
         self._lock = threading.Lock()
         self._hooks: list[Hook] = []
         #: The hook being run right now, if any (for the hanging-hook watchdog).
         self.running: Hook | None = None
+        self._taken = taken
         self._closed = closed
 
     def push(self, fn: Callable[[], Any], kind: HookKind) -> Hook:
@@ -101,8 +109,8 @@ class HookStack:
 
         Raises:
             InvalidArgumentType: ``fn`` is not callable.
-            HookStackClosed: the stack is closed (``close()``); the hook it
-                carries is not on the stack and nobody else will run it.
+            HookStackClosed: the terminator's sweep is over (see the class); the
+                hook it carries is not on the stack and nobody else will run it.
         """
         if not callable(fn):
             raise InvalidArgumentType(f"a {kind} hook must be callable (got {fn!r})")
@@ -114,18 +122,14 @@ class HookStack:
             hook.state = RUNNING
         raise HookStackClosed(hook)
 
-    def close(self) -> None:
-        """Refuse every later ``push``; hooks already on the stack stay to be claimed.
-
-        The terminator closes a workflow's stack as it takes the hooks over:
-        whatever its sweep will not find, it must not accept either.
-        """
+    def take_over(self) -> None:
+        """From now on only the terminator claims (``claim(by_terminator=True)``)."""
         with self._lock:
-            self._closed = True
+            self._taken = True
 
     @property
     def closed(self) -> bool:
-        """Whether ``push`` is refused (``close()`` was called)."""
+        """Whether ``push`` is refused: the terminator's sweep found the stack empty."""
         return self._closed
 
     def remove(self, hook: Hook) -> bool:
@@ -140,13 +144,17 @@ class HookStack:
             hook.state = REMOVED
             return True
 
-    def claim(self, *, include_rollback: bool) -> Hook | None:
+    def claim(self, *, include_rollback: bool, by_terminator: bool = False) -> Hook | None:
         """Take the top hook to run it, or ``None`` when the stack is empty.
 
         With ``include_rollback=False`` (the workflow succeeded) rollback hooks
         met on the way are discarded: they are not needed and must never run later.
+        Once the terminator took the stack over, only its claims get a hook
+        (``by_terminator``), and the one that finds the stack empty closes it.
         """
         with self._lock:
+            if self._taken and not by_terminator:
+                return None
             while self._hooks:
                 hook = self._hooks.pop()
                 if hook.kind == "rollback" and not include_rollback:
@@ -156,6 +164,8 @@ class HookStack:
                 hook.started = time.monotonic()
                 self.running = hook
                 return hook
+            if by_terminator:
+                self._closed = True
             return None
 
     def finish(self, hook: Hook) -> bool:
@@ -167,11 +177,18 @@ class HookStack:
                 return True
             return False
 
-    def abandon_if_running(self, hook: Hook) -> bool:
-        """Abandon ``hook`` if it is still the one running; return whether it was."""
+    def abandon_if_running(self, hook: Hook, *, take_over: bool = False) -> bool:
+        """Abandon ``hook`` if it is still the one running; return whether it was.
+
+        With ``take_over``, the terminator takes the stack over in the same step
+        (``take_over()``): the thread running the hung hook, when it returns,
+        finds no more hooks to claim.
+        """
         with self._lock:
             if self.running is hook and hook.state == RUNNING:
                 self.running = None
+                if take_over:
+                    self._taken = True
                 return True
             return False
 

@@ -870,7 +870,8 @@ class IdempotentCall:
             ConfigurationError: called outside the call's ``with`` block.
             ForcedTermination: the terminator took the workflow's hooks over
                 (system phase, or a hook that hung): the compensation, already
-                recorded, has run at once (at most once, as always).
+                recorded, still runs once, with the terminator's sweep or, after
+                it, at once here.
         """
         if not callable(fn):
             raise InvalidArgumentType(f"a compensation must be callable (got {fn!r})")
@@ -896,17 +897,20 @@ class IdempotentCall:
                 self._lost()
                 raise
             comp = _Compensator(scope, store, self.key, comp_id, cname, fn, payload)
-            wf = scope.workflow
-            if wf is not None:
-                if not self._discarding:
-                    # Below the compensations: when the workflow succeeds the
-                    # rollback hooks are dropped and this forgets them durably.
-                    # (A workflow the terminator took over never succeeds.)
-                    wf.push_hook_if_open(self._discard_pending, "cleanup")
-                    self._discarding = True
-                # Taken over: the compensation runs now, then ForcedTermination.
-                wf.push_hook(comp, "rollback")
             self._comps.append(comp)
+            wf = scope.workflow
+            if wf is not None and not self._discarding:
+                # Below every compensation (pushed before any of them, under
+                # the lock): when the workflow succeeds the rollback hooks are
+                # dropped and this forgets them durably. (A workflow the
+                # terminator took over never succeeds.)
+                wf.push_hook_if_open(self._discard_pending, "cleanup")
+                self._discarding = True
+        if wf is not None:
+            # Outside the lock: in a workflow the terminator took over, the
+            # compensation may run right here, and the call's own rollback,
+            # which the terminator runs meanwhile, needs the lock.
+            wf.push_hook(comp, "rollback")
 
     # -- async ------------------------------------------------------------------------
 

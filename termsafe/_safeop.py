@@ -13,10 +13,10 @@ its own enter/commit/rollback steps. Outside a workflow it keeps the same
 guarantees for its own operation: the rollback runs on error directly.
 
 In a workflow the terminator has taken over (its system phase, or a hook that
-hung), the hook stack is closed: a hook registered then would never run.
-Registering one instead runs it at once, in the caller's thread, and raises
-``ForcedTermination``: the operation undoes what it did so far and does not
-start.
+hung), registering a hook raises ``ForcedTermination``: the operation does
+not start, and what it did so far is undone exactly once, by the terminator's
+sweep if it is still going, else at once in the caller's thread (the stack
+closed when the sweep found it empty; see ``Workflow.push_hook``).
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ class OperationScope:
         """Register ``fn`` to undo the operation if it does not commit.
 
         Raises:
-            ForcedTermination: the terminator has taken the workflow over
-                (``Workflow.push_hook``); ``fn`` has run.
+            ForcedTermination: the terminator has taken the workflow over;
+                ``fn`` still runs exactly once (``Workflow.push_hook``).
         """
         self._register(fn, "rollback")
 
@@ -158,8 +158,8 @@ class OperationScope:
         """Register ``fn`` to run however the operation ends.
 
         Raises:
-            ForcedTermination: the terminator has taken the workflow over
-                (``Workflow.push_hook``); ``fn`` has run.
+            ForcedTermination: the terminator has taken the workflow over;
+                ``fn`` still runs exactly once (``Workflow.push_hook``).
         """
         self._register(fn, "cleanup")
 
@@ -170,7 +170,8 @@ class OperationScope:
             return
         # In a workflow the terminator took over, ``fn`` (the undo of what the
         # operation already did: a temp made, a child started, a claim taken)
-        # runs at once and the operation does not start: ForcedTermination.
+        # runs once all the same, and the operation does not start:
+        # ForcedTermination.
         self._hooks.append(wf.push_hook(fn, kind))
 
     def journal(self, kind: JournalKind, payload: dict[str, Any]) -> int | None:

@@ -1267,7 +1267,7 @@ class Terminator:
     def _run_hook_inline(
         self, wf: Workflow, stack: HookStack | None, hook: Hook
     ) -> BaseException | None:
-        """Run a claimed hook in the unwinding workflow's own thread.
+        """Run a claimed hook in the calling thread: the unwinding workflow's, or a refused hook's.
 
         ``stack`` is ``None`` for a hook the closed stack refused: the
         terminator owns the workflow already, so no watchdog hands the rest over.
@@ -1344,13 +1344,14 @@ class Terminator:
         self._hook_event(wf, hook, started, box[0], "terminator")
 
     def _run_refused_hook(self, wf: Workflow, hook: Hook) -> None:
-        """Run a hook pushed after the takeover closed the stack: now, once, audited.
+        """Run a hook pushed after the terminator's sweep closed the stack: now, once, audited.
 
         A plain function runs here, in the caller's thread, as the workflow's
-        own hooks do (shielded: a checkpoint inside it does not raise); a
-        coroutine function cannot be awaited from here, so a terminator worker
-        runs it, bounded by ``hook_timeout``, as the system phase's sweep does.
-        A ``KeyboardInterrupt``/``SystemExit`` from the hook propagates.
+        own hooks do (shielded: a checkpoint inside it does not raise; no
+        watchdog, as nothing is left for one to hand over); a coroutine
+        function cannot be awaited from here, so a terminator worker runs it,
+        bounded by ``hook_timeout``, as the sweep does. A
+        ``KeyboardInterrupt``/``SystemExit`` from the hook propagates.
         """
         if hook.is_async:
             self._start_worker(
@@ -1363,7 +1364,7 @@ class Terminator:
 
     def _hook_watchdog(self, wf: Workflow, stack: HookStack, hook: Hook) -> None:
         """A hook the workflow is running overran hook_timeout: run the rest without it."""
-        if not stack.abandon_if_running(hook):
+        if not stack.abandon_if_running(hook, take_over=True):
             return
         with wf.lock:
             # From now on the terminator owns the hooks: the workflow's thread,

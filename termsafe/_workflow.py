@@ -185,43 +185,53 @@ class Workflow:
             with self.lock:
                 stack = self._hooks
                 if stack is None:
-                    # Made after a takeover: closed like the one it would have swept.
-                    stack = self._hooks = HookStack(closed=self.abandoned)
+                    # Made after a takeover: the terminator's, as the one it took.
+                    stack = self._hooks = HookStack(taken=self.abandoned)
         return stack
 
     def take_over(self) -> None:
         """The terminator owns the hooks from now on (lock held).
 
-        The workflow's own thread will run no more of them (``abandoned``),
-        and the stack refuses new ones: a hook pushed after the terminator's
-        sweep would never run. ``push_hook`` runs such a hook at once instead.
+        The workflow's own thread claims no more of them (``abandoned``, and
+        the stack's ``take_over``). The terminator's sweep runs them, LIFO,
+        with any pushed meanwhile, and closes the stack when it finds it
+        empty; ``push_hook`` runs a hook refused after that at once.
         """
         self.abandoned = True
         stack = self._hooks
         if stack is not None:
-            stack.close()
+            stack.take_over()
 
     def push_hook(self, fn: Callable[[], Any], kind: HookKind) -> Hook:
-        """Register a hook; if the terminator took the hooks over, run it at once.
+        """Register a hook; in a workflow the terminator took over, stop the caller's work.
 
-        A hook the stack refuses (``take_over``) is the undo of something
-        already done, and nobody else will ever run it: it runs here, now,
-        once, audited like any hook the workflow runs (a coroutine function in
-        a terminator worker thread), and the caller's work stops with
-        ``ForcedTermination``, as everything in a workflow taken over does.
+        Taken over, the caller's work stops with ``ForcedTermination``, as
+        everything in such a workflow does, and the hook still runs exactly
+        once: the terminator's sweep runs it (LIFO) if it is still going;
+        after it, the stack refuses the hook, which is the undo of something
+        already done that nobody else would run, so it runs here, now,
+        audited like any hook the workflow runs (a coroutine function is
+        handed to a terminator worker, bounded by ``hook_timeout``).
 
         Raises:
             InvalidArgumentType: ``fn`` is not callable.
-            ForcedTermination: the stack refused the hook (after running it).
+            ForcedTermination: the terminator took the hooks over (the hook ran
+                already, or the sweep or a worker runs it).
+            KeyboardInterrupt: raised by a refused hook run here (likewise
+                ``SystemExit``).
         """
         try:
-            return self.hooks.push(fn, kind)
+            hook = self.hooks.push(fn, kind)
         except HookStackClosed as closed:
             self.terminator._run_refused_hook(self, closed.hook)
-        raise ForcedTermination(self.id, self.kill_reason)
+            raise ForcedTermination(self.id, self.kill_reason) from None
+        if self.abandoned:
+            # Pushed before the sweep closed the stack: the sweep runs it.
+            raise ForcedTermination(self.id, self.kill_reason)
+        return hook
 
     def push_hook_if_open(self, fn: Callable[[], Any], kind: HookKind) -> Hook | None:
-        """Register a hook, or drop it unrun (``None``) if the terminator took the hooks over.
+        """Register a hook, or drop it unrun (``None``) if the stack refuses it.
 
         For a hook that only matters when the workflow succeeds, which a
         workflow taken over never does.
@@ -362,10 +372,21 @@ class Workflow:
             store.save_checkpoint(self.id, state)
 
     def run_hooks(self, *, include_rollback: bool, by_terminator: bool = False) -> None:
-        """Claim and run hooks LIFO until the stack is empty."""
+        """Claim and run hooks LIFO until the stack is empty.
+
+        ``by_terminator``: the terminator's sweep of a workflow it took over;
+        it closes the stack as it finds it empty (see ``HookStack``).
+        """
         stack = self._hooks
         if stack is None:
-            return
+            if not by_terminator:
+                return
+            with self.lock:
+                stack = self._hooks
+                if stack is None:
+                    # Nothing to sweep; whatever is pushed from now on is refused.
+                    self._hooks = HookStack(taken=True, closed=True)
+                    return
         term = self.terminator
         started = time.monotonic()
         ran = False
@@ -377,7 +398,7 @@ class Workflow:
                     # hung): a thread that comes back late must not run them
                     # beside it (LIFO) nor drop the rollbacks of a killed run.
                     return
-                hook = stack.claim(include_rollback=include_rollback)
+                hook = stack.claim(include_rollback=include_rollback, by_terminator=by_terminator)
                 if hook is None:
                     return
                 ran = True
@@ -956,9 +977,11 @@ def on_rollback(fn: Callable[[], Any]) -> Hook:
         NoActiveWorkflow: no workflow is in scope.
         InvalidArgumentType: ``fn`` is not callable.
         ForcedTermination: the terminator took the workflow's hooks over (its
-            system phase, or a hook that hung): a hook registered now would
-            never run, so ``fn`` has run at once, here (a coroutine function in
-            a terminator worker thread), before this is raised.
+            system phase, or a hook that hung). ``fn`` still runs exactly once:
+            the terminator's sweep runs it if it is still going; after the
+            sweep, it runs at once, here (a coroutine function: handed to a
+            terminator worker), before this is raised.
+        KeyboardInterrupt: raised by ``fn`` run here (likewise ``SystemExit``).
     """
     return _hook_target("on_rollback()").push_hook(fn, "rollback")
 
@@ -973,8 +996,10 @@ def on_cleanup(fn: Callable[[], Any]) -> Hook:
         NoActiveWorkflow: no workflow is in scope.
         InvalidArgumentType: ``fn`` is not callable.
         ForcedTermination: the terminator took the workflow's hooks over (its
-            system phase, or a hook that hung): a hook registered now would
-            never run, so ``fn`` has run at once, here (a coroutine function in
-            a terminator worker thread), before this is raised.
+            system phase, or a hook that hung). ``fn`` still runs exactly once:
+            the terminator's sweep runs it if it is still going; after the
+            sweep, it runs at once, here (a coroutine function: handed to a
+            terminator worker), before this is raised.
+        KeyboardInterrupt: raised by ``fn`` run here (likewise ``SystemExit``).
     """
     return _hook_target("on_cleanup()").push_hook(fn, "cleanup")

@@ -90,11 +90,24 @@ class TestHookStack:
         hooks = [stack.push(lambda: None, "cleanup"), stack.push(lambda: None, "rollback")]
         assert hooks == stack.snapshot()
 
-    def test_closed_stack_refuses_push_and_keeps_what_it_holds(self) -> None:
-        """After close() a push is refused, its hook handed back; earlier hooks stay claimable."""
+    def test_taken_over_stack_is_claimed_only_by_the_terminator(self) -> None:
+        """After take_over() only the terminator claims; a push meanwhile joins its sweep, LIFO."""
         stack = HookStack()
-        kept = stack.push(lambda: None, "rollback")
-        stack.close()
+        first = stack.push(lambda: None, "rollback")
+        stack.take_over()
+        assert stack.claim(include_rollback=True) is None  # the workflow's own thread
+        late = stack.push(lambda: None, "cleanup")  # the sweep has not finished: accepted
+        assert not stack.closed
+        assert late is stack.claim(include_rollback=True, by_terminator=True)
+        assert first is stack.claim(include_rollback=True, by_terminator=True)
+        assert [] == stack.snapshot()
+
+    def test_sweep_closes_the_stack_as_it_finds_it_empty(self) -> None:
+        """The terminator's claim that finds the stack empty closes it; a later push is refused."""
+        stack = HookStack()
+        stack.take_over()
+        assert stack.claim(include_rollback=True, by_terminator=True) is None
+        assert stack.closed
         late = recorder([], "late")
         with pytest.raises(HookStackClosed) as refused:
             stack.push(late, "cleanup")
@@ -103,14 +116,21 @@ class TestHookStack:
             refused.value.hook.kind,
             refused.value.hook.state,
         )
-        assert stack.closed
-        assert [kept] == stack.snapshot()
-        assert kept is stack.claim(include_rollback=True)
+        assert [] == stack.snapshot()
+
+    def test_watchdog_takes_the_stack_over_with_the_hung_hook(self) -> None:
+        """abandon_if_running(take_over=True) leaves the hung hook's thread nothing to claim."""
+        stack = HookStack()
+        below = stack.push(lambda: None, "rollback")
+        hung = stack.push(lambda: None, "rollback")
+        assert hung is stack.claim(include_rollback=True)
+        assert stack.abandon_if_running(hung, take_over=True)
         assert stack.claim(include_rollback=True) is None
+        assert below is stack.claim(include_rollback=True, by_terminator=True)
 
     def test_closed_stack_still_checks_the_hook(self) -> None:
         """A closed stack still names a hook that is not callable, before refusing anything."""
-        stack = HookStack(closed=True)
+        stack = HookStack(taken=True, closed=True)
         with pytest.raises(InvalidArgumentType, match="got 42"):
             stack.push(42, "rollback")  # type: ignore[arg-type]
 

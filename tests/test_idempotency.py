@@ -1212,10 +1212,10 @@ class TestTakenOverDuringClaim:
 
 
 class TestTakenOverDuringCompensate:
-    def test_compensation_runs_once_at_once_and_the_call_stops(
+    def test_compensation_runs_once_and_the_call_stops(
         self, make_term: TermFactory, tmp_path: Path, jobs: Jobs
     ) -> None:
-        """A compensation recorded as the terminator takes over runs at once, once, and is done."""
+        """A compensation recorded as the terminator takes over still runs once and is done."""
         recorded, taken_over = threading.Event(), threading.Event()
 
         class SlowCompAdd(SQLiteStore):
@@ -1263,7 +1263,8 @@ class TestTakenOverDuringCompensate:
         assert WorkflowState.KILLED == handle.wait(WAIT)
         job.result()
         assert [termsafe.ForcedTermination] == [type(e) for e in raised]
-        assert [("test-job", "ch_1")] == undone
+        # Run by the sweep if it was still going, else at once in the workflow's thread.
+        assert ["ch_1"] == [charge for _thread, charge in undone]
         assert ["done"] == [c.status for c in store.comp_list("k-1")]
         # Nothing left for a later sweep to run a second time.
         assert [] == run_pending_compensations("k-1", {"refund": refund}, store=store, force=True)

@@ -86,26 +86,32 @@ class TestPublicHooksAfterTakeover:
     """``on_rollback``/``on_cleanup`` in a workflow whose hooks the terminator took over."""
 
     def test_on_rollback_runs_the_hook_here_once(self, make_term: TermFactory, jobs: Jobs) -> None:
-        """on_rollback() after the takeover runs the hook at once, audits it, then raises."""
+        """on_rollback() after the sweep runs the hook at once, audits it, then raises."""
         sink = ts.MemorySink()
         term = make_term(SHORT, sink=sink)
-        undone: list[str] = []
+        ran: list[tuple[str, str]] = []
+
+        def early() -> None:
+            ran.append(("early", threading.current_thread().name))
 
         def undo() -> None:
-            undone.append(threading.current_thread().name)
+            ran.append(("undo", threading.current_thread().name))
 
-        wf, error = in_taken_over_workflow(term, jobs, lambda: ts.on_rollback(undo))
-        assert isinstance(error, ts.ForcedTermination), error
-        assert ["test-job"] == undone
-        assert 0 == wf.pending_hooks
-        [ran] = Audit(term, sink).of("hook_ran", "w")
-        assert ("undo", "rollback", "workflow") == (
-            ran.details["hook"].rsplit(".", 1)[-1],
-            ran.details["kind"],
-            ran.details["ran_by"],
+        # A hook registered before the takeover: the stack exists when it comes.
+        wf, error = in_taken_over_workflow(
+            term, jobs, lambda: ts.on_rollback(undo), before=lambda: ts.on_cleanup(early)
         )
+        assert isinstance(error, ts.ForcedTermination), error
+        assert ["early", "undo"] == [name for name, _thread in ran]
+        assert "test-job" == ran[1][1]  # the late one, at once in the workflow's thread
+        assert 0 == wf.pending_hooks
+        by_hook = {
+            e.details["hook"].rsplit(".", 1)[-1]: e.details["ran_by"]
+            for e in Audit(term, sink).of("hook_ran", "w")
+        }
+        assert {"early": "terminator", "undo": "workflow"} == by_hook
 
-    def test_push_that_passed_every_check_before_the_takeover_is_refused(
+    def test_stack_held_from_before_the_takeover_refuses_a_push_after_the_sweep(
         self, make_term: TermFactory, jobs: Jobs
     ) -> None:
         """A push reaching the stack after the sweep (checks done before) is refused, not lost."""
@@ -131,6 +137,21 @@ class TestPublicHooksAfterTakeover:
         assert error is None
         assert 1 == len(refused)
         assert 0 == wf.pending_hooks
+
+    def test_system_exit_from_a_refused_hook_propagates_audited(
+        self, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A refused hook that raises SystemExit is audited as failed and the exit goes on."""
+        sink = ts.MemorySink()
+        term = make_term(SHORT, sink=sink)
+
+        def undo() -> None:
+            raise SystemExit(3)
+
+        with pytest.raises(SystemExit):
+            in_taken_over_workflow(term, jobs, lambda: ts.on_rollback(undo))
+        [failed] = Audit(term, sink).of("hook_failed", "w")
+        assert "SystemExit: 3" == failed.details["error"]
 
     def test_stack_made_after_the_takeover_is_closed(
         self, make_term: TermFactory, jobs: Jobs
