@@ -210,7 +210,14 @@ class _PlainRuns:
         self._cwd = cwd
         self._env = env
         self._unreaped = False
-        self._child = ChildEntry(store, workflow_id, {"argv": [git], "cwd": cwd, "step": step})
+        payload = {"argv": [git], "cwd": cwd, "step": step}
+        try:
+            self._child = ChildEntry(store, workflow_id, payload)
+        except Exception:
+            # The store failed (disk full, locked, gone): putting the repository
+            # back matters more than journaling the commands that do it.
+            log.exception("termsafe: could not journal the git commands of a %s in %s", step, cwd)
+            self._child = ChildEntry(None, workflow_id, payload)
 
     def __call__(self, args: Sequence[str], input_text: str | None = None) -> GitResult:
         """Run ``git <args>`` to its end (a rollback or sweep is never interrupted)."""
@@ -232,9 +239,19 @@ class _PlainRuns:
         return GitResult((self._git, *args), proc.returncode, out, err)
 
     def close(self) -> None:
-        """Forget the journal entry, unless a command of it may still run."""
-        if not self._unreaped:
+        """Forget the journal entry, unless a command of it may still run.
+
+        A store that fails here only leaves the entry behind (logged): the next
+        recovery finds no process by its token and drops it.
+        """
+        if self._unreaped:
+            return
+        try:
             self._child.forget()
+        except Exception:
+            log.exception(
+                "termsafe: could not forget the journal entry of git commands in %s", self._cwd
+            )
 
 
 def _close_pipes(proc: subprocess.Popen[str]) -> None:

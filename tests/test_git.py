@@ -12,6 +12,7 @@ import select
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -236,6 +237,36 @@ class TestCommit:
         assert [] == locks(repo)
         assert "" == fsck(repo)
         assert [] == store.journal_entries()
+
+    def test_rollback_goes_on_when_the_store_fails(self, repo: Path, tmp_path: Path) -> None:
+        """A store that cannot journal the rollback's git commands does not stop the rollback."""
+
+        class Full(SQLiteStore):
+            def journal_add(self, kind: Any, payload: Any, workflow_id: Any = None) -> int:
+                if kind == "child_process" and payload.get("step") == "rollback":
+                    raise sqlite3.OperationalError("database or disk is full")
+                return super().journal_add(kind, payload, workflow_id)
+
+        store = Full(tmp_path / "full.sqlite3")
+        old = refs(repo)
+        op = git_operation(repo, store=store)
+
+        def body() -> None:
+            with op:
+                (repo / "a.txt").write_text("a\n")
+                op.commit("add a", ["a.txt"])
+                raise RuntimeError("later step")
+
+        try:
+            with pytest.raises(RuntimeError, match="later step"):
+                body()
+            assert "rolled back" == op.state
+            assert old == refs(repo)
+            assert staged_matches_head(repo)
+            assert [] == locks(repo)
+            assert [] == store.journal_entries()
+        finally:
+            store.close()
 
     def test_failed_command_rolls_back(self, repo: Path, store: SQLiteStore) -> None:
         """A failing git command raises GitCommandFailed naming it; earlier changes are undone."""
