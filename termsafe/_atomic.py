@@ -11,6 +11,12 @@ Both follow the shape of every safe operation (``_safeop.py``):
     exit    success: take the hook and the journal entry back;
             error or kill: the temp is removed, the target untouched
 
+Outside a workflow ``atomic_file`` keeps no ``OperationScope``: nothing else
+can run its rollback, there is no kill to defer and no commit to audit. It
+removes its own temp on an error (and audits that), and its commit is a plain
+sequence of steps; a scope would be bookkeeping that every such write pays
+for, for nothing.
+
 Naming. Every temp starts with a recognisable prefix that ends in a random
 token chosen before the journal entry is written::
 
@@ -68,7 +74,8 @@ from typing import (
 )
 
 from ._exceptions import AtomicWriteError, ConfigurationError, InvalidArgumentType
-from ._safeop import OperationScope
+from ._safeop import OperationScope, resolve_store
+from ._workflow import current_workflow
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -479,27 +486,25 @@ class _AtomicOperation:
         if exc_type is not None:
             self._abort()
             return
-        scope = self._scope
-        assert scope is not None
         try:
-            self._commit(scope)
+            self._commit()
         except BaseException:
             if self._state != "committed":
                 self._abort()
                 raise
             # Committed, then the folder fsync failed or a deferred kill landed
             # as the section closed: the operation itself is done.
-            self._succeeded(scope)
+            self._succeeded()
             raise
-        self._succeeded(scope)
+        self._succeeded()
 
-    def _commit(self, scope: OperationScope) -> None:
-        """Put the new content in place, inside ``scope.committing()``."""
+    def _commit(self) -> None:
+        """Put the new content in place (inside ``scope.committing()`` when there is a scope)."""
         raise NotImplementedError
 
-    def _succeeded(self, scope: OperationScope) -> None:
+    def _succeeded(self) -> None:
         """Take the rollback hook and the journal entry back (after a commit, even a failed one)."""
-        scope.succeeded()
+        raise NotImplementedError
 
     def _give_target_mode(self, fd: int | None, temp: str) -> None:
         """Give the temp the owner (where permitted) and mode of the target, or the new mode."""
@@ -603,7 +608,6 @@ class _AtomicFile(_AtomicOperation):
         self._file: IO[Any] | None = None
         self._fd = -1
         self._tmp: str | None = None
-        self._entry: int | None = None
         self._lock = threading.Lock()
         self._owner_thread = 0
         self._state = "new"  # -> "open" -> "committed" | "rolled_back"
@@ -644,14 +648,24 @@ class _AtomicFile(_AtomicOperation):
         self._target_stat = st
         folder, name = os.path.split(target)
         self._folder = folder
-        scope = self._scope = OperationScope("fs", f"atomic_file {self.path}", self._store)
+        wf = current_workflow()
+        if wf is None:
+            # No scope: outside a workflow no one else can run the rollback,
+            # there is no kill to defer, no commit to audit (see _abort,
+            # _commit), and a scope's hook list would only cost time.
+            scope = None
+            store = resolve_store(self._store, None)
+        else:
+            scope = self._scope = OperationScope(
+                "fs", f"atomic_file {self.path}", self._store, workflow=wf
+            )
+            store = scope.store
         # Journal first: from here on, a SIGKILL leaves nothing the journal does
         # not name. The entry is this process's standing one for the folder
         # (written once): recovery removes whatever starts with its prefix once
         # the process is dead, so a write costs no journal write of its own.
-        token = _standing_entry(scope.store, folder)
+        token = _standing_entry(store, folder)
         prefix = f"{TEMP_PREFIX}{token}-{_short(name)}-"
-        self._entry = None
         try:
             fd, tmp = _make_temp(folder, prefix)
         except OSError as exc:
@@ -659,7 +673,8 @@ class _AtomicFile(_AtomicOperation):
         self._fd, self._tmp = fd, tmp
         self._owner_thread = threading.get_ident()
         self._state = "open"
-        scope.on_rollback(self._remove_temp)
+        if scope is not None:
+            scope.on_rollback(self._remove_temp)
         try:
             self._file = self._open(fd, tmp)
         except BaseException:
@@ -694,7 +709,7 @@ class _AtomicFile(_AtomicOperation):
     # -- rollback hook -----------------------------------------------------------------
 
     def _remove_temp(self) -> None:
-        """Rollback hook: remove the temp (from any thread, once) and forget it."""
+        """Rollback hook: remove the temp (from any thread, once)."""
         with self._lock:
             if self._state == "committed":
                 return
@@ -709,9 +724,6 @@ class _AtomicFile(_AtomicOperation):
                 pass
             except OSError:
                 log.exception("termsafe: could not remove temp %r; recovery will", tmp)
-                return
-        assert self._scope is not None
-        self._scope.unjournal(self._entry)
 
     def _close_quietly(self) -> None:
         f, self._file = self._file, None
@@ -729,19 +741,34 @@ class _AtomicFile(_AtomicOperation):
 
     def _abort(self) -> None:
         self._close_quietly()
-        super()._abort()
+        if self._scope is not None:
+            super()._abort()
+            return
+        self._remove_temp()
+        # A scope of its own, for the audit event only (no store to journal to).
+        scope = OperationScope("fs", f"atomic_file {self.path}", False, workflow=None)
+        scope.emit(self._rolled_back_event, {"path": self.path})
 
     # -- exit ----------------------------------------------------------------------
 
-    def _commit(self, scope: OperationScope) -> None:
+    def _commit(self) -> None:
+        scope = self._scope
+        if scope is None:  # outside a workflow: nothing to defer, shield or audit
+            self._finish()
+            self._replace()
+            self._fsync_folder()
+            return
         with scope.committing():
             self._finish()
             self._replace()
-            if scope.workflow is not None:
-                # Before the folder fsync: the audit thread does its work
-                # while this one waits for the disk.
-                scope.emit("atomic_file_committed", {"path": self.path, "durable": self.durable})
+            # Before the folder fsync: the audit thread does its work while
+            # this one waits for the disk.
+            scope.emit("atomic_file_committed", {"path": self.path, "durable": self.durable})
             self._fsync_folder()
+
+    def _succeeded(self) -> None:
+        if self._scope is not None:
+            self._scope.succeeded()
 
     def _finish(self) -> None:
         """Flush, copy owner and mode, fsync and close the temp."""
@@ -1017,7 +1044,9 @@ class _AtomicDirectory(_AtomicOperation):
         assert self._scope is not None
         self._scope.unjournal(self._entry)
 
-    def _commit(self, scope: OperationScope) -> None:
+    def _commit(self) -> None:
+        scope = self._scope
+        assert scope is not None
         try:
             with scope.committing():
                 self._prepare()
@@ -1027,7 +1056,9 @@ class _AtomicDirectory(_AtomicOperation):
             if self._state == "committed":
                 self._old_removed = self._remove_old()
 
-    def _succeeded(self, scope: OperationScope) -> None:
+    def _succeeded(self) -> None:
+        scope = self._scope
+        assert scope is not None
         # An old tree left behind keeps its journal entry: recovery removes it.
         scope.succeeded(keep_journal=not self._old_removed)
         self._emit_committed()

@@ -58,6 +58,7 @@ from termsafe import (
 )
 from termsafe._atomic import BACKUP_PREFIX, STAGE_PREFIX, TEMP_PREFIX
 from termsafe._store import JournalEntry, SQLiteStore
+from termsafe._terminator import _set_default_terminator
 
 ADMIN = Principal("root", roles=("admin",))
 CHUNK = 4096
@@ -742,6 +743,97 @@ class TestAtomicFileEvents:
             ("atomic_file_committed", str(folder / "a")),
             ("atomic_file_rolled_back", str(folder / "b")),
         ] == events
+
+    def test_outside_a_workflow_only_the_rollback_is_audited(
+        self, folder: Path, store: SQLiteStore, make_term: TermFactory
+    ) -> None:
+        """Outside a workflow a rollback is audited on the default trail; a commit is not."""
+        sink = MemorySink()
+        term = make_term(sink=sink)
+        old = _set_default_terminator(term)
+        try:
+            with atomic_file(folder / "a", "wb", store=store) as f:
+                f.write(b"x")
+            with (
+                pytest.raises(ValueError, match="bad"),
+                atomic_file(folder / "b", "wb", store=store),
+            ):
+                raise ValueError("bad")
+        finally:
+            _set_default_terminator(old)
+        assert term.flush(10)
+        events = [(e.type, e.workflow_id, e.details) for e in sink.events if "atomic" in e.type]
+        path = str(folder / "b")
+        details = {"operation": f"atomic_file {path}", "path": path}
+        assert [("atomic_file_rolled_back", None, details)] == events
+
+
+class TestAtomicFileOutsideAWorkflow:
+    """Outside a workflow atomic_file rolls itself back, with no hook list to do it."""
+
+    @pytest.fixture
+    def temp_unlinks(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """The temps os.unlink is asked to remove (it removes them)."""
+        real = os.unlink
+        calls: list[str] = []
+
+        def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+            if os.path.basename(os.fspath(path)).startswith(TEMP_PREFIX):
+                calls.append(os.fspath(path))
+            real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        return calls
+
+    def test_error_in_body_removes_the_temp_once(
+        self, folder: Path, store: SQLiteStore, temp_unlinks: list[str]
+    ) -> None:
+        """An exception in the body removes the temp exactly once; the old file stands."""
+        target = folder / "f"
+        target.write_bytes(b"old")
+        temps: list[str] = []
+
+        def fail_half_way() -> None:
+            with atomic_file(target, "wb", store=store) as f:
+                temps.append(f.name)
+                f.write(b"new")
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            fail_half_way()
+        assert temps == temp_unlinks
+        assert b"old" == target.read_bytes()
+        assert [] == ours(folder)
+
+    def test_failed_commit_removes_the_temp_once(
+        self,
+        folder: Path,
+        store: SQLiteStore,
+        temp_unlinks: list[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A rename that fails rolls back once, and the error names the path and the step."""
+        target = folder / "f"
+        target.write_bytes(b"old")
+
+        def replace(src: Any, dst: Any) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        temps: list[str] = []
+
+        def write() -> None:
+            with atomic_file(target, "wb", store=store) as f:
+                temps.append(f.name)
+                f.write(b"new")
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(AtomicWriteError) as info:
+            write()
+        monkeypatch.undo()
+        assert ("rename", str(target)) == (info.value.step, info.value.path)
+        assert temps == temp_unlinks
+        assert b"old" == target.read_bytes()
+        assert [] == ours(folder)
 
 
 class TestAtomicFileInWorkflow:
