@@ -51,6 +51,8 @@ import errno
 import io
 import logging
 import os
+import posixpath
+import random
 import shutil
 import stat
 import sys
@@ -105,6 +107,9 @@ TextMode = Literal["w", "wt", "x", "xt"]
 BinaryMode = Literal["wb", "xb"]
 StrPath = str | os.PathLike[str]
 
+#: Paths are POSIX paths ("/" separates, a leading "/" makes one absolute).
+_POSIX_PATHS: Final = os.path is posixpath
+
 # Flags of Linux renameat2(2).
 _RENAME_NOREPLACE: Final = 1
 _RENAME_EXCHANGE: Final = 2
@@ -122,6 +127,24 @@ _renameat2_lock = threading.Lock()
 
 
 def _check_path(path: object, what: str) -> str:
+    """``path`` as an absolute, normalised ``str`` (as ``os.path.abspath`` makes it).
+
+    Raises:
+        InvalidArgumentType: ``path`` is not a ``str`` or ``os.PathLike[str]``.
+        ConfigurationError: ``path`` is empty.
+    """
+    if (
+        # Already normal (absolute; no empty, "." or ".." component; no trailing
+        # "/"): abspath would return it unchanged, after five Python calls.
+        _POSIX_PATHS
+        and type(path) is str
+        and path[:1] == "/"
+        and "//" not in path
+        and "/./" not in path
+        and "/../" not in path
+        and not path.endswith(("/", "/.", "/.."))
+    ):
+        return path
     if not isinstance(path, str) and isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -314,8 +337,15 @@ _TEMP_FLAGS: Final = (
 )
 
 
-def _make_temp(folder: str, prefix: str) -> tuple[int, str]:
-    """Create and open ``folder/<prefix><8 random hex digits>``, as ``tempfile.mkstemp`` does.
+_temp_names = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_temp_names.seed)  # a child draws names of its own
+
+
+def _make_temp(head: str, prefix: str) -> tuple[int, str]:
+    """Create and open ``<head><prefix><8 random hex digits>``, as ``tempfile.mkstemp`` does.
+
+    ``head`` is the folder's path with a trailing separator.
 
     The same guarantees as ``mkstemp``: created by this call (``O_CREAT |
     O_EXCL``, another name on a clash), no symlink followed, mode 0o600,
@@ -330,9 +360,10 @@ def _make_temp(folder: str, prefix: str) -> tuple[int, str]:
         OSError: the folder refused the file (``FileExistsError`` if 100 random
             names in a row were taken).
     """
-    head = folder if folder.endswith(os.sep) else folder + os.sep
     for _ in range(100):
-        path = f"{head}{prefix}{os.urandom(4).hex()}"
+        # A generator of our own, as mkstemp has: no system call per name
+        # (os.urandom makes one), and the caller's random.seed() untouched.
+        path = f"{head}{prefix}{_temp_names.getrandbits(32):08x}"
         try:
             return os.open(path, _TEMP_FLAGS, 0o600), path
         except FileExistsError:
@@ -646,8 +677,12 @@ class _AtomicFile(_AtomicOperation):
                 raise IsADirectoryError(errno.EISDIR, "is a directory", self.path)
         self._target = target
         self._target_stat = st
-        folder, name = os.path.split(target)
-        self._folder = folder
+        # target is absolute and normal (_check_path, realpath): os.path.split
+        # comes down to one rfind.
+        cut = target.rfind(os.sep) + 1
+        head = target[:cut]  # the folder, with its trailing separator
+        folder = self._folder = head[:-1] or os.sep
+        name = target[cut:]
         wf = current_workflow()
         if wf is None:
             # No scope: outside a workflow no one else can run the rollback,
@@ -667,7 +702,7 @@ class _AtomicFile(_AtomicOperation):
         token = _standing_entry(store, folder)
         prefix = f"{TEMP_PREFIX}{token}-{_short(name)}-"
         try:
-            fd, tmp = _make_temp(folder, prefix)
+            fd, tmp = _make_temp(head, prefix)
         except OSError as exc:
             raise AtomicWriteError.from_os_error(self.path, "create temp", exc) from None
         self._fd, self._tmp = fd, tmp

@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 from conftest import WAIT, Jobs, TermFactory
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import termsafe
 from termsafe import (
@@ -615,6 +617,38 @@ class TestAtomicFile:
         with pytest.raises(IsADirectoryError) as info, atomic_file(folder, store=store):
             pass
         assert str(folder) == info.value.filename
+
+    # The autouse _home fixture only sets TERMSAFE_HOME, which nothing here reads.
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(
+        parts=st.lists(
+            st.sampled_from(["", ".", "..", "a", ".b", "c.", "..d", "e..", "...", "é"]),
+            min_size=1,
+            max_size=6,
+        ),
+        rooted=st.booleans(),
+    )
+    def test_any_spelling_of_a_path_is_made_absolute_and_normal(
+        self, parts: list[str], rooted: bool
+    ) -> None:
+        """atomic_file works on what os.path.abspath makes of the path, however it is spelled."""
+        path = ("/" if rooted else "") + "/".join(parts)
+        assume(path)
+        assert f"<atomic_file {os.path.abspath(path)!r} new>" == repr(atomic_file(path, "wb"))
+
+    def test_unnormal_spelling_writes_the_file_it_names(
+        self, folder: Path, store: SQLiteStore
+    ) -> None:
+        """A path with "//", "." and ".." components replaces the file it resolves to."""
+        (folder / "sub").mkdir()
+        (folder / "f").write_bytes(b"old")
+        with atomic_file(f"{folder}//sub/./../f", "wb", store=store) as f:
+            assert str(folder) == os.path.dirname(f.name)
+            f.write(b"new")
+        assert b"new" == (folder / "f").read_bytes()
+        assert ["f", "sub"] == sorted(os.listdir(folder))
 
     def test_entered_once(self, folder: Path, store: SQLiteStore) -> None:
         """The same atomic_file cannot be entered twice."""
