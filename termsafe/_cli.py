@@ -280,6 +280,7 @@ def _audit_verify(args: argparse.Namespace, out: TextIO) -> int:
                     "first_bad_line": report.first_bad_line,
                     "kind": report.kind,
                     "torn_tail": report.torn_tail,
+                    "pruned_through": report.pruned_through,
                     "message": report.message,
                 }
             )

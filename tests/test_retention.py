@@ -689,6 +689,12 @@ class TestPruneCommand:
             verify_audit_log(home / "audit.jsonl").ok,
             verify_audit_log(home / "audit.jsonl").pruned_through,
         )
+        verified = run_cli(home, "audit", "verify", str(home / "audit.jsonl"), "--json")
+        assert (0, True, 2) == (
+            verified.returncode,
+            json.loads(verified.stdout)["ok"],
+            json.loads(verified.stdout)["pruned_through"],
+        )
         with SQLiteStore(home / "store.sqlite3") as st:
             assert st.load_checkpoint("nightly") is None
 
