@@ -402,37 +402,6 @@ def _fsync_tree(root: str) -> None:
         _fsync_dir(dirpath)
 
 
-def _copy_owner_and_mode(
-    fd: int | None, path: str, target: os.stat_result | None, default_mode: int
-) -> None:
-    """Give the temp at ``fd``/``path`` the owner (where permitted) and mode of ``target``.
-
-    ``chown`` is tried only when the owner differs and silently skipped when not
-    permitted; set-user-ID and set-group-ID bits are then dropped, so a copy
-    owned by someone else never gains them.
-    """
-    mine = os.fstat(fd) if fd is not None else os.stat(path)
-    if target is None:
-        mode = default_mode
-    else:
-        mode = stat.S_IMODE(target.st_mode)
-        uid = target.st_uid if target.st_uid != mine.st_uid else -1
-        gid = target.st_gid if target.st_gid != mine.st_gid else -1
-        if (uid != -1 or gid != -1) and not _try_chown(fd, path, uid, gid):
-            # A user may still hand the file to one of their own groups.
-            if uid != -1 and gid != -1 and _try_chown(fd, path, -1, gid):
-                gid = -1
-            if uid != -1:
-                mode &= ~stat.S_ISUID
-            if gid != -1:
-                mode &= ~stat.S_ISGID
-    if stat.S_IMODE(mine.st_mode) != mode:
-        if fd is not None:
-            os.fchmod(fd, mode)
-        else:
-            os.chmod(path, mode)
-
-
 def _try_chown(fd: int | None, path: str, uid: int, gid: int) -> bool:
     try:
         if fd is not None:
@@ -538,9 +507,34 @@ class _AtomicOperation:
         raise NotImplementedError
 
     def _give_target_mode(self, fd: int | None, temp: str) -> None:
-        """Give the temp the owner (where permitted) and mode of the target, or the new mode."""
-        default = self._new_mode & ~_current_umask(self._folder) if self._target_stat is None else 0
-        _copy_owner_and_mode(fd, temp, self._target_stat, default)
+        """Give the temp at ``fd``/``temp`` the owner (where permitted) and mode of the target.
+
+        A new target gets ``_new_mode & ~umask``. ``chown`` is tried only when
+        the owner differs and silently skipped when not permitted; set-user-ID
+        and set-group-ID bits are then dropped, so a copy owned by someone else
+        never gains them.
+        """
+        mine = os.fstat(fd) if fd is not None else os.stat(temp)
+        target = self._target_stat
+        if target is None:
+            mode = self._new_mode & ~_current_umask(self._folder)
+        else:
+            mode = stat.S_IMODE(target.st_mode)
+            uid = target.st_uid if target.st_uid != mine.st_uid else -1
+            gid = target.st_gid if target.st_gid != mine.st_gid else -1
+            if (uid != -1 or gid != -1) and not _try_chown(fd, temp, uid, gid):
+                # A user may still hand the file to one of their own groups.
+                if uid != -1 and gid != -1 and _try_chown(fd, temp, -1, gid):
+                    gid = -1
+                if uid != -1:
+                    mode &= ~stat.S_ISUID
+                if gid != -1:
+                    mode &= ~stat.S_ISGID
+        if stat.S_IMODE(mine.st_mode) != mode:
+            if fd is not None:
+                os.fchmod(fd, mode)
+            else:
+                os.chmod(temp, mode)
 
     def _rolled_back_error(self) -> AtomicWriteError:
         """The error of a commit that finds its temp already rolled back (by the terminator)."""
@@ -569,11 +563,9 @@ class _TempIO(io.FileIO):
     _target: str
 
     def write(self, data: Any) -> int:
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         try:
             # os.write (not FileIO.write): one code path for every write, which
-            # fault-injection tests can reach.
+            # fault-injection tests can reach. fileno() refuses a closed file.
             return os.write(self.fileno(), data)
         except OSError as exc:
             raise AtomicWriteError.from_os_error(self._target, "write", exc) from None
@@ -585,6 +577,16 @@ class _AtomicFile(_AtomicOperation):
     _rolled_back_event = "atomic_file_rolled_back"
     _temp_name = "temp"
     _new_mode = 0o666
+
+    # Where every instance starts; an instance stores its own value only once
+    # it changes (each store saved counts on the hot path).
+    _scope: OperationScope | None = None
+    _file: IO[Any] | None = None
+    _fd = -1  # the temp's descriptor until the file object owns it
+    _tmp: str | None = None
+    _owner_thread = 0
+    _state = "new"  # -> "open" -> "committed" | "rolled_back"
+    _used = False
 
     def __init__(
         self,
@@ -599,7 +601,8 @@ class _AtomicFile(_AtomicOperation):
     ) -> None:
         if not isinstance(mode, str):
             raise InvalidArgumentType(f"atomic_file mode must be a str (got {mode!r})")
-        if mode not in _TEXT_MODES and mode not in _BINARY_MODES:
+        binary = self.binary = mode in _BINARY_MODES
+        if not binary and mode not in _TEXT_MODES:
             if "a" in mode:
                 hint = (
                     "appending cannot be atomic in place; read the old content and "
@@ -615,10 +618,9 @@ class _AtomicFile(_AtomicOperation):
             raise InvalidArgumentType(f"durable must be a bool (got {durable!r})")
         if isinstance(buffering, bool) or not isinstance(buffering, int):
             raise InvalidArgumentType(f"buffering must be an int (got {buffering!r})")
-        self.binary = mode in _BINARY_MODES
-        if buffering == 0 and not self.binary:
+        if buffering == 0 and not binary:
             raise ConfigurationError(f"buffering=0 needs a binary mode (got mode {mode!r})")
-        if self.binary and (encoding, errors, newline) != (None, None, None):
+        if binary and (encoding is not None or errors is not None or newline is not None):
             raise ConfigurationError(
                 f"encoding, errors and newline need a text mode (got mode {mode!r})"
             )
@@ -635,14 +637,7 @@ class _AtomicFile(_AtomicOperation):
         self._newline = newline
         self._buffering = buffering
         self._store = store
-        self._scope: OperationScope | None = None
-        self._file: IO[Any] | None = None
-        self._fd = -1
-        self._tmp: str | None = None
         self._lock = threading.Lock()
-        self._owner_thread = 0
-        self._state = "new"  # -> "open" -> "committed" | "rolled_back"
-        self._used = False
 
     def __repr__(self) -> str:
         return f"<atomic_file {self.path!r} {self._state}>"
@@ -809,9 +804,11 @@ class _AtomicFile(_AtomicOperation):
         """Flush, copy owner and mode, fsync and close the temp."""
         f = self._file
         assert f is not None
-        if not f.closed:
+        if f.closed:
+            fd = None
+        else:
             f.flush()  # write errors name the path and "write" (_TempIO)
-        fd = None if f.closed else f.fileno()
+            fd = f.fileno()
         tmp = self._tmp
         if tmp is None:
             raise self._rolled_back_error()
