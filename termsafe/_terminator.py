@@ -1095,6 +1095,15 @@ class Terminator:
             self._finished.pop(workflow_id, None)
             for dep in depends_on:
                 self._dependents.setdefault(dep, set()).add(workflow_id)
+        if wf.last_checkpoint is not None:
+            # Resumed from it: saved again, so that its age counts from now. A
+            # retention prune (``checkpoints``) must not take the resume point
+            # of a run in progress, which the store cannot see unless a
+            # supervisor or control socket registered the run.
+            try:
+                self.store.save_checkpoint(workflow_id, wf.last_checkpoint)
+            except Exception:
+                log.exception("termsafe: refreshing the checkpoint of %s failed", workflow_id)
         if parent is not None:
             with parent.lock:
                 if parent._children is None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -160,6 +162,24 @@ class TestThreadWorkflow:
         ctx = term.workflow("once")
         with ctx, pytest.raises(InvalidArgumentType, match="already in use"), ctx:
             pass
+
+    def test_resumed_checkpoint_is_kept_by_a_retention_prune(self, tmp_path: Path) -> None:
+        """A workflow resuming from an old checkpoint makes it current: a prune by age keeps it."""
+        path = tmp_path / "store.sqlite3"
+        store = termsafe.SQLiteStore(path)
+        store.save_checkpoint("nightly", {"step": 41})
+        month = 30 * 86400
+        with sqlite3.connect(path) as conn:  # saved 40 days ago
+            conn.execute("UPDATE checkpoints SET saved_at = saved_at - ?", (40 * 86400,))
+        term = Terminator(store=store)
+        try:
+            with term.workflow("nightly") as wf:
+                assert {"step": 41} == wf.last_checkpoint
+                assert 0 == store.checkpoint_prune(month)
+                assert {"step": 41} == store.load_checkpoint("nightly")
+        finally:
+            term.close()
+            store.close()
 
     def test_checkpoint_saves_state(self, term: Terminator) -> None:
         """checkpoint(state) records the state as the workflow's last checkpoint."""
