@@ -234,7 +234,11 @@ def find_host(
             if not name.endswith(".sock"):
                 continue
             path = os.path.join(os.fspath(folder), name)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError:
+                undecided = True  # out of descriptors (a host per socket): ask the store
+                break
             sock.setblocking(False)
             try:
                 _sock_address(sock, path, connect=True)

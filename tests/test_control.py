@@ -611,3 +611,34 @@ def _hosts(spec: list[tuple[str, int]]) -> Iterator[list[subprocess.Popen[str]]]
             if host.stdout is not None:
                 host.stdout.read()
                 host.stdout.close()
+
+
+class TestFindHostOutOfDescriptors:
+    def test_no_descriptor_left_means_ask_the_store(self, tmp_path: Path) -> None:
+        """find_host with no file descriptor left answers None (the store decides), not EMFILE."""
+        folder = tmp_path / "sockets"
+        folder.mkdir()
+        listeners = []
+        try:
+            for i in range(8):  # hosts nobody answers for: the scan must give up, not crash
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.bind(str(folder / f"host-{i}.sock"))
+                sock.listen(8)
+                listeners.append(sock)
+            code = textwrap.dedent(
+                f"""
+                import os, resource, sys
+                from termsafe._client import find_host
+                # Room for a few more descriptors than are open now, not for 8 sockets.
+                opened = len(os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 3, opened + 3))
+                print(find_host({str(folder)!r}, "nightly", timeout=5.0))
+                """
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+            )
+            assert (0, "None") == (done.returncode, done.stdout.strip()), done.stderr
+        finally:
+            for sock in listeners:
+                sock.close()
