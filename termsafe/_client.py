@@ -119,8 +119,10 @@ class ControlClient:
             ControlError: the connection broke, timed out, or the server
                 answered with an error (its message is the problem).
         """
+        sent = False
         try:
             self._sock.sendall(json.dumps(dict(payload)).encode() + b"\n")
+            sent = True
             while b"\n" not in self._buf:
                 chunk = self._sock.recv(1 << 16)
                 if not chunk:
@@ -129,9 +131,11 @@ class ControlClient:
         except OSError as exc:
             if isinstance(exc, ControlError):
                 raise
-            raise ControlError(
-                self.path, f"request failed: {exc.strerror or exc}", exc.errno
-            ) from None
+            problem = exc.strerror or str(exc) or type(exc).__name__
+            if sent and isinstance(exc, TimeoutError):
+                # A stopped process reads it when it resumes, and acts on it then.
+                problem = f"no answer ({problem}); the request was sent and may still take effect"
+            raise ControlError(self.path, f"request failed: {problem}", exc.errno) from None
         line, self._buf = self._buf.split(b"\n", 1)
         try:
             answer = json.loads(line)

@@ -642,3 +642,20 @@ class TestFindHostOutOfDescriptors:
         finally:
             for sock in listeners:
                 sock.close()
+
+
+class TestSilentHost:
+    def test_timeout_after_sending_says_the_request_may_still_act(self, tmp_path: Path) -> None:
+        """A host that takes the request but never answers: the error says it may still act."""
+        path = tmp_path / "silent.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            listener.listen(1)  # connects and takes the bytes; nobody ever reads them
+            with (
+                ts.ControlClient(str(path), timeout=0.2) as client,
+                pytest.raises(ts.ControlError, match="was sent and may still take effect"),
+            ):
+                client.request({"op": "status", "workflow_id": "nightly"})
+        finally:
+            listener.close()
