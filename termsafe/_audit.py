@@ -98,7 +98,9 @@ numbers go), so later rotations go on as before.
 The verifier then accepts a trail that does not start at ``seq`` 1 when, and
 only when, the trail holds an ``audit_pruned`` event whose ``heads`` include
 the ``seq`` just before its first line and that line's ``prev``; the record is
-itself a line of the chain, checked like any other. Any other missing start
+itself a line of the chain, checked like any other, and counts only once the
+verifier has checked it (a complete line whose hash, or HMAC, and link
+verify; never a torn last line). Any other missing start
 is still ``deleted``. A crash between the record and the last unlink leaves
 either the whole trail (it starts at ``seq`` 1) or a prefix gone that ends at
 a recorded head: both verify. Like any line, a record in a keyless trail can
@@ -1506,8 +1508,10 @@ def _seal(name: str, *, durable: bool) -> None:
 def _recorded_heads(files: list[str]) -> dict[int, set[str]]:
     """``seq -> {hash}`` of every line an ``audit_pruned`` event says was pruned up to.
 
-    Read without checking the chain: the verifier checks every line anyway,
-    so a record that is not part of the chain fails there.
+    Read without checking the chain: it only tells the verifier where a
+    trail may start. A start it allows is provisional until the verifier
+    reaches a line naming it that it verified itself (see ``_Verifier``). A
+    line with no line ending is never read: it is not a complete record.
     """
     heads: dict[int, set[str]] = {}
     marker = b'"type":"' + PRUNED_EVENT.encode() + b'"'
@@ -1518,7 +1522,7 @@ def _recorded_heads(files: list[str]) -> dict[int, set[str]]:
             continue
         with fh:
             for raw in fh:
-                if marker not in raw:
+                if marker not in raw or not raw.endswith(b"\n"):
                     continue
                 rec, _ = _parse_line(raw)
                 if rec is None or rec["event"].get("type") != PRUNED_EVENT:
@@ -1712,6 +1716,10 @@ class _Verifier:
         self._last_lineno = 0
         self._pruned_through = 0
         self._heads: dict[int, set[str]] | None = None
+        # A start after a recorded prune, accepted provisionally: the line it
+        # starts at, until a verified ``audit_pruned`` line names its
+        # ``(seq - 1, prev)``.
+        self._unconfirmed: _Line | None = None
 
     def close(self) -> None:
         self._lines.close()  # closes the file it stopped in
@@ -1826,6 +1834,7 @@ class _Verifier:
                     )
                 want_seq, want_prev = seq, rec["prev"]
                 self._pruned_through = seq - 1
+                self._unconfirmed = line
             if seq == want_seq:
                 if rec["prev"] != want_prev:
                     return self._broken_link(line, prev_line, want_prev)
@@ -1846,6 +1855,8 @@ class _Verifier:
                     f"seq {seq} appears a second time (seq {want_seq} was expected): "
                     "an extra line was inserted",
                 )
+            if self._unconfirmed is not None and rec["event"].get("type") == PRUNED_EVENT:
+                self._confirm(rec)
             self._checked += 1
             want_seq = seq + 1
             want_prev = rec["hash"]
@@ -1859,10 +1870,45 @@ class _Verifier:
             self._heads = _recorded_heads(self._files)
         return prev in self._heads.get(seq - 1, ())
 
+    def _confirm(self, rec: dict[str, Any]) -> None:
+        """Confirm the provisional start if this verified prune record names it."""
+        start = self._unconfirmed
+        assert start is not None
+        assert start.rec is not None
+        details = rec["event"].get("details")
+        pairs = details.get("heads") if isinstance(details, dict) else None
+        want = [start.rec["seq"] - 1, start.rec["prev"]]
+        if isinstance(pairs, list) and want in pairs:
+            self._unconfirmed = None
+
+    def _start_unconfirmed(self) -> VerifyReport | None:
+        """``deleted``, when no verified line recorded the prune the trail starts after."""
+        start = self._unconfirmed
+        if start is None:
+            return None
+        assert start.rec is not None
+        seq = start.rec["seq"]
+        gap = "seq 1" if seq == 2 else f"seqs 1..{seq - 1}"
+        return VerifyReport(
+            ok=False,
+            lines=1,
+            first_bad_line=start.lineno,
+            kind="deleted",
+            message=(
+                f"{start.where()}: the trail starts at seq {seq}: {gap} deleted (no line of "
+                "the chain that verifies records a prune up to there, only a line that is not "
+                "part of it)"
+            ),
+            path=start.path,
+        )
+
     def _last_lineno_in_last_file(self) -> int:
         return self._last_lineno if self._last_path == self._files[-1] else 0
 
     def _end(self, want_seq: int) -> VerifyReport:
+        unconfirmed = self._start_unconfirmed()
+        if unconfirmed is not None:
+            return unconfirmed
         anchor = self._anchor
         if anchor is not None and anchor.seq >= want_seq:
             lineno = self._last_lineno_in_last_file() + 1
@@ -1892,6 +1938,9 @@ class _Verifier:
         )
 
     def _torn(self, line: _Line, want_seq: int) -> VerifyReport:
+        unconfirmed = self._start_unconfirmed()
+        if unconfirmed is not None:
+            return unconfirmed
         anchor = self._anchor
         if anchor is not None and anchor.seq >= want_seq:
             return self._bad(

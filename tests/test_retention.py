@@ -392,6 +392,57 @@ class TestAudit:
         verdict = verify_audit_log(trail)
         assert (False, "deleted", 1) == (verdict.ok, verdict.kind, verdict.first_bad_line)
 
+    def test_torn_forged_prune_record_is_not_trusted(self, trail: Path) -> None:
+        """A prune record left as an unterminated last line never excuses a missing start."""
+        t = base_time()
+        write_files(trail, [t, t + 1, t + 2, t + 3, time.time()], key=KEY)
+        files = rotated(trail)
+        for f in files[:2]:
+            f.unlink()
+        first = json.loads(files[2].read_bytes().splitlines()[0])
+        forged = {
+            "event": {
+                "type": "audit_pruned",
+                "details": {"heads": [[first["seq"] - 1, first["prev"]]]},
+            },
+            "hash": "0" * 64,
+            "mac": "hmac-sha256",
+            "prev": "0" * 64,
+            "seq": 999,
+        }
+        with trail.open("ab") as fh:
+            fh.write(json.dumps(forged, separators=(",", ":")).encode())  # no line ending
+        verdict = verify_audit_log(trail, key=KEY)
+        assert (False, "deleted", 1, str(files[2])) == (
+            verdict.ok,
+            verdict.kind,
+            verdict.first_bad_line,
+            verdict.path,
+        )
+
+    def test_prune_record_must_itself_verify(self, trail: Path) -> None:
+        """A complete prune record whose own HMAC is forged is named as the edit it is."""
+        t = base_time()
+        write_files(trail, [t, t + 1, t + 2, time.time()], key=KEY)
+        files = rotated(trail)
+        files[0].unlink()
+        first = json.loads(files[1].read_bytes().splitlines()[0])
+        last = json.loads(trail.read_bytes().splitlines()[-1])
+        forged = {
+            "event": {
+                "type": "audit_pruned",
+                "details": {"heads": [[first["seq"] - 1, first["prev"]]]},
+            },
+            "hash": "0" * 64,
+            "mac": "hmac-sha256",
+            "prev": last["hash"],
+            "seq": last["seq"] + 1,
+        }
+        with trail.open("ab") as fh:
+            fh.write(json.dumps(forged, separators=(",", ":"), sort_keys=True).encode() + b"\n")
+        verdict = verify_audit_log(trail, key=KEY)
+        assert (False, "edited") == (verdict.ok, verdict.kind)
+
     def test_crash_before_the_files_went(self, trail: Path, tmp_path: Path) -> None:
         """A record with all, or only the newest, of its files still there verifies too."""
         t = base_time()
