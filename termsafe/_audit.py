@@ -1705,8 +1705,11 @@ def _trail_files(path: str) -> list[str]:
 
 
 class _Verifier:
-    def __init__(self, files: list[str], key: bytes | None, anchor: Anchor | None) -> None:
+    def __init__(
+        self, files: list[str], key: bytes | None, anchor: Anchor | None, allow_pruned: bool
+    ) -> None:
         self._files = files
+        self._allow_pruned = allow_pruned
         self._lines: Generator[_Line, None, None] = _read_lines(files)
         self._ahead: deque[_Line] = deque()
         self._key = key
@@ -1824,6 +1827,16 @@ class _Verifier:
                 )
             if prev_line is None and seq > want_seq and self._recorded_start(seq, rec["prev"]):
                 # The files before this one were pruned, and the trail says so.
+                if not self._allow_pruned:
+                    gap = "seq 1" if seq == 2 else f"seqs 1..{seq - 1}"
+                    return self._bad(
+                        line,
+                        "deleted",
+                        f"the trail starts at seq {seq}: {gap} deleted (the trail records a "
+                        "prune up to there, but a keyless trail checked against an anchor does "
+                        "not accept recorded prunes: anyone who can write the file can record "
+                        "one; pass allow_pruned=True to accept it)",
+                    )
                 if anchor is not None and anchor.seq == seq - 1 and anchor.hash != rec["prev"]:
                     return self._bad(
                         line,
@@ -2032,7 +2045,11 @@ class _Verifier:
 
 
 def verify_audit_log(
-    path: str | os.PathLike[str], key: bytes | None = None, anchor: Anchor | None = None
+    path: str | os.PathLike[str],
+    key: bytes | None = None,
+    anchor: Anchor | None = None,
+    *,
+    allow_pruned: bool | None = None,
 ) -> VerifyReport:
     """Check a hash-chained trail written by ``JsonlSink`` and name its first problem.
 
@@ -2045,18 +2062,32 @@ def verify_audit_log(
     where. The file is read without taking the trail's lock: a line being
     written at that moment shows as a torn tail.
 
+    Whether a recorded prune is accepted (``allow_pruned``) depends on what
+    protects the trail. With a key, a record can only come from a key holder.
+    Without a key and without an anchor, the chain proves only internal
+    consistency anyway. Without a key but with an anchor, the anchor is the
+    only protection, and anyone who can write the file can delete its oldest
+    files and append a record of it: by default a recorded prune is then not
+    accepted (the missing start is ``deleted``), and ``allow_pruned=True``
+    accepts any recorded prune. Sign a trail that is pruned.
+
     Args:
         path: The trail file (the current one, for a rotated trail).
         key: The HMAC key the trail was written with, if any.
         anchor: A head taken earlier with ``JsonlSink.anchor()``; the trail must
             reach ``anchor.seq`` and agree with ``anchor.hash`` there.
+        allow_pruned: Accept a trail that starts after a recorded prune.
+            ``None`` (the default): accept it when a ``key`` is given or no
+            ``anchor`` is; refuse it for a keyless trail checked against an
+            anchor. ``False``: any missing start is ``deleted``.
 
     Returns:
         The report (see ``VerifyReport`` for the kinds of problem).
 
     Raises:
         FileNotFoundError: Neither ``path`` nor any rotated file exists.
-        InvalidArgumentType: ``key`` is not bytes or ``anchor`` not an ``Anchor``.
+        InvalidArgumentType: ``key`` is not bytes, ``anchor`` not an ``Anchor``
+            or ``allow_pruned`` not a bool or ``None``.
         ConfigurationError: ``key`` is empty.
         OSError: A file cannot be read (``IsADirectoryError`` for a directory).
     """
@@ -2064,7 +2095,11 @@ def verify_audit_log(
     key = _check_key(key)
     if anchor is not None and not isinstance(anchor, Anchor):
         raise InvalidArgumentType(f"anchor must be an Anchor or None (got {anchor!r})")
-    verifier = _Verifier(_trail_files(fspath), key, anchor)
+    if allow_pruned is None:
+        allow_pruned = key is not None or anchor is None
+    elif not isinstance(allow_pruned, bool):
+        raise InvalidArgumentType(f"allow_pruned must be a bool or None (got {allow_pruned!r})")
+    verifier = _Verifier(_trail_files(fspath), key, anchor, allow_pruned)
     try:
         return verifier.run()
     finally:

@@ -119,6 +119,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         verify.add_argument("path", type=_path)
         verify.add_argument("--key-file", type=_path, help="file holding the HMAC key (raw bytes)")
         verify.add_argument("--anchor", help="head anchor as JSON (from JsonlSink.anchor())")
+        verify.add_argument(
+            "--allow-pruned",
+            action="store_true",
+            default=None,
+            help="accept a recorded prune even for a keyless trail checked against --anchor",
+        )
         verify.add_argument("--json", action="store_true", help="print the report as JSON")
         tail = audit_sub.add_parser("tail", help="print the last events of a trail")
         tail.add_argument("path", type=_path)
@@ -270,7 +276,7 @@ def _audit_verify(args: argparse.Namespace, out: TextIO) -> int:
 
     key = args.key_file.read_bytes() if args.key_file is not None else None
     anchor = Anchor.from_json(args.anchor) if args.anchor else None
-    report = verify_audit_log(args.path, key=key, anchor=anchor)
+    report = verify_audit_log(args.path, key=key, anchor=anchor, allow_pruned=args.allow_pruned)
     if args.json:
         out.write(
             json.dumps(

@@ -317,7 +317,7 @@ class TestAudit:
             anchor = sink.anchor()
         report = apply_retention(RetentionPolicy(audit=DAY), audit_path=trail)
         assert (10, 10) == (report.audit_files, report.audit_lines)
-        verdict = verify_audit_log(trail, anchor=anchor)
+        verdict = verify_audit_log(trail, anchor=anchor, allow_pruned=True)
         assert (True, None, 10) == (verdict.ok, verdict.kind, verdict.pruned_through)
         assert "seqs 1..10 pruned, as the trail records" in verdict.message
         [record] = events_of(trail, "audit_pruned")
@@ -442,6 +442,54 @@ class TestAudit:
             fh.write(json.dumps(forged, separators=(",", ":"), sort_keys=True).encode() + b"\n")
         verdict = verify_audit_log(trail, key=KEY)
         assert (False, "edited") == (verdict.ok, verdict.kind)
+
+    def test_keyless_trail_with_an_anchor_refuses_recorded_prunes(self, trail: Path) -> None:
+        """Against an anchor, a keyless trail's recorded prune is refused unless allowed."""
+        t = base_time()
+        write_files(trail, [t, t + 1, t + 2, t + 3, time.time()])
+        with JsonlSink(trail) as sink:
+            anchor = sink.anchor()
+        files = rotated(trail)
+        for f in files[:3]:
+            f.unlink()
+        first = json.loads(files[3].read_bytes().splitlines()[0])
+        with JsonlSink(trail, fsync="never") as sink:  # anyone who can write the file
+            sink.emit(
+                AuditEvent(
+                    seq=0,
+                    timestamp=utc_timestamp(),
+                    type="audit_pruned",
+                    details={"heads": [[first["seq"] - 1, first["prev"]]]},
+                )
+            )
+        verdict = verify_audit_log(trail, anchor=anchor)
+        assert (False, "deleted", 1) == (verdict.ok, verdict.kind, verdict.first_bad_line)
+        assert "allow_pruned=True" in verdict.message
+        assert (False, "deleted") == (
+            verify_audit_log(trail, allow_pruned=False).ok,
+            verify_audit_log(trail, allow_pruned=False).kind,
+        )
+        # What accepting any recorded prune means: the forgery passes.
+        assert verify_audit_log(trail, anchor=anchor, allow_pruned=True).ok
+        assert verify_audit_log(trail).ok  # no anchor, no key: internal consistency only
+
+    def test_signed_trail_with_an_anchor_accepts_its_prunes(self, trail: Path) -> None:
+        """With a key a recorded prune is accepted against an anchor by default."""
+        t = base_time()
+        write_files(trail, [t, t + 1, time.time()], key=KEY)
+        with JsonlSink(trail, key=KEY) as sink:
+            anchor = sink.anchor()
+        apply_retention(RetentionPolicy(audit=DAY), audit_path=trail, audit_key=KEY)
+        verdict = verify_audit_log(trail, key=KEY, anchor=anchor)
+        assert (True, 2) == (verdict.ok, verdict.pruned_through)
+        refused = verify_audit_log(trail, key=KEY, anchor=anchor, allow_pruned=False)
+        assert (False, "deleted") == (refused.ok, refused.kind)
+
+    def test_allow_pruned_must_be_a_bool(self, trail: Path) -> None:
+        """allow_pruned that is not a bool or None is named."""
+        write_files(trail, [time.time()])
+        with pytest.raises(InvalidArgumentType, match="'yes'"):
+            verify_audit_log(trail, allow_pruned="yes")  # type: ignore[arg-type]
 
     def test_crash_before_the_files_went(self, trail: Path, tmp_path: Path) -> None:
         """A record with all, or only the newest, of its files still there verifies too."""
@@ -746,6 +794,15 @@ class TestPruneCommand:
             json.loads(verified.stdout)["ok"],
             json.loads(verified.stdout)["pruned_through"],
         )
+        head = records(home / "audit.jsonl")[-1]
+        anchor = json.dumps({"hash": head["hash"], "seq": head["seq"]})
+        refused = run_cli(home, "audit", "verify", str(home / "audit.jsonl"), "--anchor", anchor)
+        assert 1 == refused.returncode
+        assert "deleted" in refused.stdout
+        allowed = run_cli(
+            home, "audit", "verify", str(home / "audit.jsonl"), "--anchor", anchor, "--allow-pruned"
+        )
+        assert (0, "OK") == (allowed.returncode, allowed.stdout.split(":")[0])
         with SQLiteStore(home / "store.sqlite3") as st:
             assert st.load_checkpoint("nightly") is None
 
