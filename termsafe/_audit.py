@@ -85,12 +85,14 @@ Retention
 =========
 
 ``apply_retention`` (through ``JsonlSink._prune``) is the one way old files
-leave a trail without breaking its proof. Under the trail's lock it verifies
+leave a trail without breaking its proof. Without the trail's lock it verifies
 the whole trail (a trail that does not verify is left as it is: pruning it
-would destroy the evidence), picks the oldest rotated files whose newest event
-is past the retention (never the current file, never a file newer than one
-that stays), appends an ``audit_pruned`` event through the chain, fsyncs it,
-and only then unlinks the files, oldest first. Its details hold, for each file
+would destroy the evidence) and picks the oldest rotated files whose newest
+event is past the retention (never the current file, never a file newer than
+one that stays). Then, under the lock, it checks that those files are
+unchanged since (inode, size, modification time) and that the lines appended
+since continue the verified chain, appends an ``audit_pruned`` event through
+the chain, fsyncs it, and only then unlinks the files, oldest first. Its details hold, for each file
 removed, the ``seq`` and ``hash`` of its last line (``heads``). No line is
 ever edited, and the files that stay keep their numbers (the oldest, highest
 numbers go), so later rotations go on as before.
@@ -144,7 +146,17 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping
-from typing import Any, Final, Literal, NamedTuple, Protocol, cast, runtime_checkable
+from typing import (
+    Any,
+    BinaryIO,
+    Final,
+    Literal,
+    NamedTuple,
+    NoReturn,
+    Protocol,
+    cast,
+    runtime_checkable,
+)
 
 import attrs
 
@@ -1077,17 +1089,32 @@ class JsonlSink:
             checked = True
         self._write(line, seq, digest)
 
-    def _prune(self, older_than: float, now: float, *, dry_run: bool) -> PrunedFiles:
+    def _prune(
+        self,
+        older_than: float,
+        now: float,
+        *,
+        dry_run: bool,
+        prep: _PrunePrep | None = None,
+    ) -> PrunedFiles:
         """Delete the oldest rotated files whose newest event is older than ``older_than``.
 
-        Everything happens under the trail's lock, in this order, so that a
-        crash at any point leaves a trail that verifies:
+        In this order, so that a crash at any point leaves a trail that
+        verifies, and writers wait for the trail's lock only for a few
+        ``stat`` calls, the lines appended meanwhile, one record and the
+        deletions:
 
-        1. The whole trail is verified; one that does not verify is left as it
-           is (``AuditTrailError``): pruning would destroy the evidence.
-        2. The plan: rotated files, oldest first, as long as each one's newest
-           event is older than ``now - older_than``. The current file is never
-           among them, nor any file newer than one that stays.
+        1. Without the lock (``_prepare_prune``, or ``prep`` when the caller
+           did it already): the whole trail is verified; one that does not
+           verify is left as it is (``AuditTrailError``): pruning would destroy
+           the evidence. The plan: rotated files, oldest first, as long as
+           each one's newest event is older than ``now - older_than``. The
+           current file is never among them, nor any file newer than one that
+           stays. A dry run stops here, having taken no lock.
+        2. Under the lock: every planned file is still there, unchanged (same
+           inode, size and modification time), and the lines appended since
+           the verified head continue its chain; else the plan is made again
+           (after a few tries, under the lock, as a last resort).
         3. An ``audit_pruned`` event is appended through the chain, and
            fsynced: the ``seq`` and ``hash`` of the last line of every file
            about to go (``details["heads"]``), so the verifier can start from
@@ -1100,6 +1127,7 @@ class JsonlSink:
             older_than: Retention in seconds.
             now: Seconds since the epoch that ages are measured from.
             dry_run: Plan, and report, but change nothing (no event, no deletion).
+            prep: What ``_prepare_prune(older_than, now)`` returned, if called.
 
         Returns:
             What was (or, with ``dry_run``, would be) removed.
@@ -1109,33 +1137,119 @@ class JsonlSink:
             AuditTrailError: The trail does not verify, or the sink is closed.
             ConfigurationError: The trail is signed differently from this sink.
         """
-        cutoff_ms = (now - older_than) * 1000.0
+        for _ in range(_PRUNE_TRIES):
+            if prep is None:
+                prep = self._prepare_prune(older_than, now)
+            pruned = PrunedFiles(len(prep.plan), sum(f.lines for f in prep.plan))
+            if dry_run or not prep.plan:
+                return pruned
+            if self._commit_prune(prep, older_than, now):
+                return pruned
+            prep = None  # the trail changed in between: plan again
+        with self._lock:
+            # The trail keeps changing: verify and plan under the lock.
+            self._lock_trail(create=True)
+            try:
+                prep = self._prepare_prune(older_than, now, locked=True)
+                if prep.plan:
+                    self._remove(prep.plan, older_than, now)
+                return PrunedFiles(len(prep.plan), sum(f.lines for f in prep.plan))
+            finally:
+                self._unlock_trail()
+
+    def _prepare_prune(
+        self, older_than: float | None, now: float, *, locked: bool = False
+    ) -> _PrunePrep:
+        """Verify the trail and plan a prune (none with ``older_than=None``); no lock taken.
+
+        Raises:
+            FileNotFoundError: There is no trail at ``path``.
+            ConfigurationError: The trail is signed differently from this sink.
+            AuditTrailError: The trail does not verify, or the sink is closed.
+        """
+        if self._closed:
+            raise AuditTrailError(f"prune on a closed JsonlSink for {self.path!r}")
+        for attempt in range(_VERIFY_TRIES):
+            try:
+                verifier = _verify(self.path, self._key, None, True, locked=locked)
+                report = verifier.run()
+                if not report.ok:
+                    self._refuse(report)
+                plan = []
+                if older_than is not None:
+                    cutoff_ms = (now - older_than) * 1000.0
+                    plan = _prune_plan(
+                        self.path, verifier.rotated(), cutoff_ms, verifier.stats, locked
+                    )
+            except _TrailChanged as exc:
+                if attempt == _VERIFY_TRIES - 1:
+                    raise FileNotFoundError(
+                        errno.ENOENT, "the trail's files kept disappearing", exc.args[0]
+                    ) from None
+                continue
+            return _PrunePrep(plan, verifier.head)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refuse(self, report: VerifyReport) -> NoReturn:
+        if report.kind == "bad_signature":
+            raise ConfigurationError(
+                f"audit trail {self.path!r} is not signed as this sink's key says "
+                f"({report.message}): nothing pruned; pass the trail's key, or none"
+            )
+        raise AuditTrailError(
+            f"audit trail {self.path!r} does not verify ({report.kind}: "
+            f"{report.message}): nothing pruned, the evidence is kept as it is"
+        )
+
+    def _commit_prune(self, prep: _PrunePrep, older_than: float, now: float) -> bool:
+        """Under the lock: check nothing changed since ``prep``, then record and delete.
+
+        Returns:
+            Whether it was done (``False``: the trail changed; nothing was).
+        """
         with self._lock:
             if self._closed:
                 raise AuditTrailError(f"prune on a closed JsonlSink for {self.path!r}")
-            _trail_files(self.path)  # FileNotFoundError: no trail at all
             self._checked_at = -math.inf
-            # A real prune appends its record: like emit, it needs the current file.
-            self._lock_trail(create=not dry_run)
+            self._lock_trail(create=True)
             try:
-                report = verify_audit_log(self.path, key=self._key)
-                if not report.ok:
-                    raise AuditTrailError(
-                        f"audit trail {self.path!r} does not verify ({report.kind}: "
-                        f"{report.message}): nothing pruned, the evidence is kept as it is"
-                    )
-                plan = _prune_plan(_trail_files(self.path)[:-1], cutoff_ms)
-                pruned = PrunedFiles(len(plan), sum(f.lines for f in plan))
-                if dry_run or not plan:
-                    return pruned
-                for f in plan:
-                    if not f.sealed:
-                        _seal(f.path, durable=self.fsync != "never")
-                self._record_prune(plan, older_than, now)
-                self._unlink(plan)
-                return pruned
+                if not self._unchanged(prep):
+                    return False
+                self._remove(prep.plan, older_than, now)
+                return True
             finally:
                 self._unlock_trail()
+
+    def _unchanged(self, prep: _PrunePrep) -> bool:
+        """Under the lock: the planned files are as verified, the chain goes on from the head."""
+        files = _stat_trail(self.path)
+        if files is None:  # pragma: no cover - nobody renames under the lock
+            return False
+        where = {f.ident: f.name for f in files}
+        for f in prep.plan:
+            name = where.get(f.ident)
+            if name is None:
+                return False
+            with open(name, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not _same_or_sealed(fh.fileno(), st, (f.size, f.mtime_ns)):
+                    return False
+        ident, end, seq, digest = prep.head
+        at = [i for i, f in enumerate(files) if f.ident == ident]
+        if not at:
+            return False
+        tail = _Verifier(self.path, files[at[0] :], self._key, None, False, locked=True)
+        tail.start_from(end, seq, digest)
+        return tail.run().ok
+
+    def _remove(self, plan: list[_PrunePlanFile], older_than: float, now: float) -> None:
+        """Under the lock: seal, record and unlink the planned files."""
+        where = _where(self.path)
+        for f in plan:
+            if not f.sealed:
+                _seal(where.get(f.ident, f.path), durable=self.fsync != "never")
+        self._record_prune(plan, older_than, now)
+        self._unlink(plan)
 
     def _record_prune(self, plan: list[_PrunePlanFile], older_than: float, now: float) -> None:
         # Not passed through ``redact``: the record holds no personal data,
@@ -1166,13 +1280,7 @@ class JsonlSink:
     def _unlink(self, plan: list[_PrunePlanFile]) -> None:
         # Appending the record may have rotated the trail (every rotated file
         # moved up one number): find each planned file by its inode.
-        where: dict[tuple[int, int], str] = {}
-        for _, name in _rotated(self.path):
-            try:
-                st = os.stat(name)
-            except FileNotFoundError:
-                continue
-            where[(st.st_dev, st.st_ino)] = name
+        where = _where(self.path)
         for f in plan:  # oldest first: a crash leaves a prefix gone, which the record covers
             found = where.get(f.ident)
             if found is not None:  # else gone already, not by us: the verifier will say so
@@ -1430,6 +1538,32 @@ class _PrunePlanFile:
     last_hash: str
     newest_ms: int
     sealed: bool
+    size: int
+    mtime_ns: int
+
+
+class _PrunePrep(NamedTuple):
+    """A verified trail and what a prune of it removes, found without the lock."""
+
+    plan: list[_PrunePlanFile]
+    #: The verified head: its file's (device, inode), where it ends, its seq and hash.
+    head: tuple[tuple[int, int] | None, int, int, str]
+
+
+#: How many times a prune plans again when the trail changed before it took the lock.
+_PRUNE_TRIES: Final = 3
+
+
+def _where(path: str) -> dict[tuple[int, int], str]:
+    """The name of every rotated file of ``path``, by (device, inode)."""
+    where: dict[tuple[int, int], str] = {}
+    for _, name in _rotated(path):
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue
+        where[(st.st_dev, st.st_ino)] = name
+    return where
 
 
 def _event_ms(timestamp: object) -> int | None:
@@ -1445,15 +1579,23 @@ def _event_ms(timestamp: object) -> int | None:
     return (dt - _EPOCH) // _MS
 
 
-def _scan_rotated(name: str) -> _PrunePlanFile | None:
+def _scan_rotated(
+    path: str, f: _TrailFile, stats: dict[tuple[int, int], tuple[int, int]], locked: bool
+) -> _PrunePlanFile | None:
     """What a prune needs to know of one rotated file; ``None`` if it cannot go.
 
     A file that cannot go: empty, a line that is not a trail line (torn,
     damaged), or an event whose ``timestamp`` is not ISO 8601 (its age is
     unknown, so it is kept).
+
+    Raises:
+        _TrailChanged: The file is gone, or changed since it was verified
+            (``stats``: size and modification time when the verifier opened it).
     """
-    with open(name, "rb") as fh:
+    with _open_trail_file(path, f, locked=locked) as fh:
         st = os.fstat(fh.fileno())
+        if not _same_or_sealed(fh.fileno(), st, stats.get((st.st_dev, st.st_ino))):
+            raise _TrailChanged(f.name)
         lines = 0
         first_seq = last_seq = 0
         last_hash = GENESIS
@@ -1478,15 +1620,43 @@ def _scan_rotated(name: str) -> _PrunePlanFile | None:
     if newest is None:
         return None
     return _PrunePlanFile(
-        name, (st.st_dev, st.st_ino), lines, first_seq, last_seq, last_hash, newest, sealed
+        f.name,
+        (st.st_dev, st.st_ino),
+        lines,
+        first_seq,
+        last_seq,
+        last_hash,
+        newest,
+        sealed,
+        st.st_size,
+        st.st_mtime_ns,
     )
 
 
-def _prune_plan(rotated: list[str], cutoff_ms: float) -> list[_PrunePlanFile]:
+def _same_or_sealed(fd: int, st: os.stat_result, was: tuple[int, int] | None) -> bool:
+    """Whether a file still has the (size, mtime) it had, or only gained its seal since.
+
+    A writer seals the file it rotated right after the rename: a verifier
+    that listed the trail in between saw it unsealed.
+    """
+    if was is None:
+        return False
+    if (st.st_size, st.st_mtime_ns) == was:
+        return True
+    return st.st_size == was[0] + 1 and os.pread(fd, 2, st.st_size - 2) == b"\n\n"
+
+
+def _prune_plan(
+    path: str,
+    rotated: list[_TrailFile],
+    cutoff_ms: float,
+    stats: dict[tuple[int, int], tuple[int, int]],
+    locked: bool,
+) -> list[_PrunePlanFile]:
     """The rotated files (given oldest first) that go: a prefix, each one all old."""
     plan = []
     for name in rotated:
-        f = _scan_rotated(name)
+        f = _scan_rotated(path, name, stats, locked)
         # A timestamp is cut to the millisecond: the event happened up to 1 ms
         # after it says, so a file goes only when even that is past the cutoff.
         if f is None or f.newest_ms + 1 > cutoff_ms:
@@ -1505,7 +1675,7 @@ def _seal(name: str, *, durable: bool) -> None:
         os.close(fd)
 
 
-def _recorded_heads(files: list[str]) -> dict[int, set[str]]:
+def _recorded_heads(path: str, files: list[_TrailFile], locked: bool) -> dict[int, set[str]]:
     """``seq -> {hash}`` of every line an ``audit_pruned`` event says was pruned up to.
 
     Read without checking the chain: it only tells the verifier where a
@@ -1515,11 +1685,10 @@ def _recorded_heads(files: list[str]) -> dict[int, set[str]]:
     """
     heads: dict[int, set[str]] = {}
     marker = b'"type":"' + PRUNED_EVENT.encode() + b'"'
-    for name in files:
-        try:
-            fh = open(name, "rb")  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:
-            continue
+    for f in files:
+        if f.ident is None:
+            continue  # a current file that did not exist
+        fh = _open_trail_file(path, f, locked=locked)
         with fh:
             for raw in fh:
                 if marker not in raw or not raw.endswith(b"\n"):
@@ -1672,50 +1841,253 @@ class _Line:
     last_file: bool
     rec: dict[str, Any] | None = None
     problem: str = ""
+    #: The file's (device, inode), and where in it the line ends.
+    ident: tuple[int, int] | None = None
+    end: int = 0
 
     def where(self) -> str:
         return f"line {self.lineno} of {self.path}"
 
 
-def _read_lines(files: list[str]) -> Generator[_Line, None, None]:
-    for i, name in enumerate(files):
-        last_file = i == len(files) - 1
+class _TrailFile(NamedTuple):
+    """One file of a trail as a snapshot found it: its name then and its (device, inode)."""
+
+    name: str
+    ident: tuple[int, int] | None  # None: the current file did not exist
+
+
+class _TrailChanged(Exception):
+    """A file of the snapshot is gone (a prune removed it meanwhile): take a new snapshot."""
+
+
+#: How many times the verifier lists a trail's files until two listings agree ...
+_SNAPSHOT_TRIES: Final = 3
+#: ... and starts over when a file it listed was removed before it was read.
+_VERIFY_TRIES: Final = 10
+
+
+def _stat_trail(path: str) -> list[_TrailFile] | None:
+    """The trail's files, oldest first, with their identity; ``None`` if one moved meanwhile."""
+    out = []
+    for _, name in _rotated(path):
         try:
-            f = open(name, "rb")  # noqa: SIM115 - closed by the with below; a generator
+            st = os.stat(name)
         except FileNotFoundError:
-            if last_file:
-                return  # the current file of a rotated trail, not created yet
-            raise
-        with f:
-            held: _Line | None = None
-            for lineno, raw in enumerate(f, 1):
-                if held is not None:
-                    yield held
-                held = _Line(name, lineno, raw, raw.endswith(b"\n"), last_file)
-                held.rec, held.problem = _parse_line(raw)
-            if held is not None and not (held.raw == b"\n" and not last_file):
-                yield held  # an empty last line of a rotated file is the seal: skip it
+            return None
+        out.append(_TrailFile(name, (st.st_dev, st.st_ino)))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        out.append(_TrailFile(path, None))
+    else:
+        out.append(_TrailFile(path, (st.st_dev, st.st_ino)))
+    return out
+
+
+def _snapshot(path: str, *, shared_lock: bool = True) -> list[_TrailFile]:
+    """The trail's files, oldest first, as they were at one moment.
+
+    Writers rotate (renaming every file, one by one, highest number first)
+    and prunes delete files (the highest numbers) while this lists them
+    without the lock. A listing is taken as it is when the next one agrees
+    and its numbers run from 1 without a gap; a rotation caught half way
+    leaves a gap. If none is (a writer paused in the middle of a rotation,
+    or a gap a crash left), the listing is taken under a shared lock on the
+    trail's lock file, for a few ``stat`` calls, which waits for a rotation
+    in progress. The files are read afterwards, without any lock.
+
+    Raises:
+        FileNotFoundError: Neither ``path`` nor any rotated file exists.
+    """
+    last: list[_TrailFile] | None = None
+    for _ in range(_SNAPSHOT_TRIES):
+        found = _stat_trail(path)
+        if found is not None and found == last and _contiguous(path, found):
+            break
+        last = found if found is not None else last
+    else:
+        lock_fd = _lock_shared(path) if shared_lock else None
+        try:
+            found = _stat_trail(path)
+            if found is not None:
+                last = found
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)  # releases the shared lock
+        if last is None:  # pragma: no cover - files moving on every listing
+            raise _TrailChanged(path)
+    assert last is not None
+    if len(last) == 1 and last[0].ident is None:
+        raise FileNotFoundError(errno.ENOENT, "no audit trail at this path", path)
+    return last
+
+
+#: How many rotations since a snapshot the verifier follows a file through
+#: without the lock.
+_ROTATIONS_PROBED: Final = 64
+
+
+def _contiguous(path: str, files: list[_TrailFile]) -> bool:
+    """Whether the rotated files are numbered 1..N with no gap."""
+    cut = len(path) + 1
+    return [int(f.name[cut:]) for f in files[:-1]] == list(range(len(files) - 1, 0, -1))
 
 
 def _trail_files(path: str) -> list[str]:
-    rotated = [name for _, name in _rotated(path)]
-    if not rotated and not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, "no audit trail at this path", path)
-    return [*rotated, path]
+    """The names of the trail's files, oldest first, as they were at one moment.
+
+    Raises:
+        FileNotFoundError: Neither ``path`` nor any rotated file exists.
+    """
+    return [f.name for f in _snapshot(path)]
+
+
+def _lock_shared(path: str) -> int | None:
+    """A descriptor holding a shared lock on the trail's lock file (close it to release).
+
+    ``None`` when there is no lock file (no writer ever locked the trail) or
+    it cannot be opened: then nothing is locked.
+    """
+    if sys.platform == "win32":  # pragma: no cover - termsafe targets POSIX
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(path + ".lock", os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_if(name: str, ident: tuple[int, int] | None) -> BinaryIO | None:
+    try:
+        fh = open(name, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fh.fileno())
+    if (st.st_dev, st.st_ino) == ident:
+        return fh
+    fh.close()
+    return None
+
+
+def _open_trail_file(path: str, f: _TrailFile, *, locked: bool = False) -> BinaryIO:
+    """Open the file of a snapshot, where it was or where a rotation moved it since.
+
+    Raises:
+        _TrailChanged: It is gone (pruned).
+    """
+    fh = _open_if(f.name, f.ident)
+    if fh is not None:
+        return fh
+    # Renamed by rotations since: each moved every file up one number.
+    base = f.name.removeprefix(path + ".")
+    number = int(base) if base.isdigit() else 0
+    for n in range(number + 1, number + 1 + _ROTATIONS_PROBED):
+        name = f"{path}.{n}"
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue  # a rotation in progress, or past the oldest file
+        if (st.st_dev, st.st_ino) == f.ident:
+            fh = _open_if(name, f.ident)
+            if fh is not None:
+                return fh
+    # Not found (moved again meanwhile?): look while no rotation is in progress.
+    lock_fd = None if locked else _lock_shared(path)
+    try:
+        for name in (*(n for _, n in _rotated(path)), path):
+            fh = _open_if(name, f.ident)
+            if fh is not None:
+                return fh
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    raise _TrailChanged(f.name)
+
+
+def _read_lines(
+    path: str,
+    files: list[_TrailFile],
+    stats: dict[tuple[int, int], tuple[int, int]],
+    start: int = 0,
+    *,
+    locked: bool,
+) -> Generator[_Line, None, None]:
+    """Every line of the trail's files, oldest first (from byte ``start`` of the first).
+
+    ``stats`` gets each file's size and modification time as it was opened.
+    """
+    for i, f in enumerate(files):
+        last_file = i == len(files) - 1
+        if f.ident is None:
+            return  # the current file of a rotated trail, not created yet
+        with _open_trail_file(path, f, locked=locked) as fh:
+            st = os.fstat(fh.fileno())
+            stats[f.ident] = (st.st_size, st.st_mtime_ns)
+            if start and i == 0:
+                fh.seek(start)
+            offset = start if i == 0 else 0
+            held: _Line | None = None
+            for lineno, raw in enumerate(fh, 1):
+                if held is not None:
+                    yield held
+                offset += len(raw)
+                held = _Line(f.name, lineno, raw, raw.endswith(b"\n"), last_file)
+                held.rec, held.problem = _parse_line(raw)
+                held.ident, held.end = f.ident, offset
+            if held is None:
+                continue
+            # An empty last line is a rotated file's seal: skip it. The current
+            # file has one too when a writer rotated it while we read it.
+            if held.raw == b"\n" and (not last_file or _moved(path, f)):
+                continue
+            yield held
+
+
+def _moved(path: str, f: _TrailFile) -> bool:
+    """Whether the file of a snapshot is no longer at ``path`` (it was rotated)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    return (st.st_dev, st.st_ino) != f.ident
 
 
 class _Verifier:
     def __init__(
-        self, files: list[str], key: bytes | None, anchor: Anchor | None, allow_pruned: bool
+        self,
+        path: str,
+        snapshot: list[_TrailFile],
+        key: bytes | None,
+        anchor: Anchor | None,
+        allow_pruned: bool,
+        *,
+        locked: bool = False,
     ) -> None:
-        self._files = files
+        self._path = path
+        self._snapshot = snapshot
+        self._files = [f.name for f in snapshot]
         self._allow_pruned = allow_pruned
-        self._lines: Generator[_Line, None, None] = _read_lines(files)
+        #: Size and modification time of each file read, as it was opened.
+        self.stats: dict[tuple[int, int], tuple[int, int]] = {}
+        self._locked = locked
+        self._lines: Generator[_Line, None, None] = _read_lines(
+            path, snapshot, self.stats, locked=locked
+        )
+        #: The last line verified: its file, where it ends, its seq and hash.
+        self.head: tuple[tuple[int, int] | None, int, int, str] = (None, 0, 0, GENESIS)
+        self._continuing = False
         self._ahead: deque[_Line] = deque()
         self._key = key
         self._anchor = anchor
         self._checked = 0
-        self._last_path = files[-1]
+        self._last_path = self._files[-1]
         self._last_lineno = 0
         self._pruned_through = 0
         self._heads: dict[int, set[str]] | None = None
@@ -1726,6 +2098,17 @@ class _Verifier:
 
     def close(self) -> None:
         self._lines.close()  # closes the file it stopped in
+
+    def rotated(self) -> list[_TrailFile]:
+        """The rotated files of the snapshot verified, oldest first."""
+        return self._snapshot[:-1]
+
+    def start_from(self, end: int, seq: int, digest: str) -> None:
+        """Verify only what follows a verified head: byte ``end`` of the first file."""
+        self._lines.close()
+        self._lines = _read_lines(self._path, self._snapshot, self.stats, end, locked=self._locked)
+        self._continuing = True
+        self.head = (self._snapshot[0].ident, end, seq, digest)
 
     def _next(self) -> _Line | None:
         if self._ahead:
@@ -1765,10 +2148,16 @@ class _Verifier:
         )
 
     def run(self) -> VerifyReport:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> VerifyReport:
         key = self._key
         anchor = self._anchor
-        want_seq = 1
-        want_prev = GENESIS
+        want_seq = self.head[2] + 1
+        want_prev = self.head[3]
         prev_line: _Line | None = None
         while (line := self._next()) is not None:
             if not line.complete and line.last_file and self._peek() is None:
@@ -1825,7 +2214,12 @@ class _Verifier:
                     "edited",
                     f"the content does not match its hash (seq {seq}): the line was edited",
                 )
-            if prev_line is None and seq > want_seq and self._recorded_start(seq, rec["prev"]):
+            if (
+                prev_line is None
+                and seq > want_seq
+                and not self._continuing
+                and self._recorded_start(seq, rec["prev"])
+            ):
                 # The files before this one were pruned, and the trail says so.
                 if not self._allow_pruned:
                     gap = "seq 1" if seq == 2 else f"seqs 1..{seq - 1}"
@@ -1874,13 +2268,14 @@ class _Verifier:
             want_seq = seq + 1
             want_prev = rec["hash"]
             prev_line = line
+            self.head = (line.ident, line.end, seq, want_prev)
             self._last_path, self._last_lineno = line.path, line.lineno
         return self._end(want_seq)
 
     def _recorded_start(self, seq: int, prev: str) -> bool:
         """Whether an ``audit_pruned`` event records a prune that ended at ``seq - 1``, ``prev``."""
         if self._heads is None:
-            self._heads = _recorded_heads(self._files)
+            self._heads = _recorded_heads(self._path, self._snapshot, self._locked)
         return prev in self._heads.get(seq - 1, ())
 
     def _confirm(self, rec: dict[str, Any]) -> None:
@@ -2060,7 +2455,10 @@ def verify_audit_log(
     event (written by ``apply_retention``) naming the ``seq`` and ``hash`` the
     first remaining line follows; ``VerifyReport.pruned_through`` then says
     where. The file is read without taking the trail's lock: a line being
-    written at that moment shows as a torn tail.
+    written at that moment shows as a torn tail. Files renamed by a rotation,
+    or removed by a prune, while they are read are followed (or the
+    verification starts over); only when the listing catches a rotation half
+    way is it taken under a shared lock, for a few ``stat`` calls.
 
     Whether a recorded prune is accepted (``allow_pruned``) depends on what
     protects the trail. With a key, a record can only come from a key holder.
@@ -2099,8 +2497,22 @@ def verify_audit_log(
         allow_pruned = key is not None or anchor is None
     elif not isinstance(allow_pruned, bool):
         raise InvalidArgumentType(f"allow_pruned must be a bool or None (got {allow_pruned!r})")
-    verifier = _Verifier(_trail_files(fspath), key, anchor, allow_pruned)
+    for _ in range(_VERIFY_TRIES - 1):
+        try:
+            return _verify(fspath, key, anchor, allow_pruned).run()
+        except _TrailChanged:
+            continue  # a prune removed a file before it was read: look again
     try:
-        return verifier.run()
-    finally:
-        verifier.close()
+        return _verify(fspath, key, anchor, allow_pruned).run()
+    except _TrailChanged as exc:
+        raise FileNotFoundError(
+            errno.ENOENT, "the trail's files kept disappearing while it was read", exc.args[0]
+        ) from None
+
+
+def _verify(
+    path: str, key: bytes | None, anchor: Anchor | None, allow_pruned: bool, *, locked: bool = False
+) -> _Verifier:
+    """A verifier of the trail as it is now (``locked``: this process holds the trail's lock)."""
+    snapshot = _snapshot(path, shared_lock=not locked)
+    return _Verifier(path, snapshot, key, anchor, allow_pruned, locked=locked)

@@ -223,6 +223,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         )
         prune.add_argument("--key-file", type=_path, help="file holding the HMAC key (raw bytes)")
         prune.add_argument(
+            "--max-bytes",
+            type=int,
+            metavar="N",
+            help="the trail's max_bytes, as its writers use it (the records rotate it alike)",
+        )
+        prune.add_argument(
             "--dry-run", action="store_true", help="say what would go; remove nothing"
         )
         prune.add_argument("--json", action="store_true", help="print the counts as JSON")
@@ -642,6 +648,7 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
             audit_path=trail,
             audit_key=args.key_file.read_bytes() if args.key_file is not None else None,
             dry_run=args.dry_run,
+            max_bytes=args.max_bytes if trail is not None else None,
         )
     except AuditTrailError as exc:
         sys.stderr.write(f"termsafe: {exc}\n")

@@ -215,22 +215,37 @@ def apply_retention(
     audit_key: bytes | None = None,
     now: float | None = None,
     dry_run: bool = False,
+    max_bytes: int | None = None,
 ) -> RetentionReport:
     """Remove what is past its retention, and report how much went, by kind.
 
-    Only the kinds the policy gives a duration are looked at. The audit trail
-    goes first, and only after it verifies (a trail that does not is left
-    as it is, with the store: pruning would destroy the evidence). Its
-    rotated files are removed whole, oldest first, under the trail's lock,
-    after an ``audit_pruned`` event recording them was appended through the
-    chain, so ``verify_audit_log`` still proves the rest and still reports a
-    file deleted any other way. Then the store's checkpoints, idempotency
-    records and run records. Unless it is a dry run and when a trail is given
-    (or the policy prunes one), a ``retention_applied`` event with every count
-    is appended to the trail last.
+    Only the kinds the policy gives a duration are looked at. Nothing is
+    removed before it is recorded, in this order:
+
+    1. With a trail (``audit_path``, or the default one when the policy prunes
+       the trail), the trail is verified first, and the check that it is
+       signed as ``audit_key`` says (so the records below can be appended).
+       A trail that does not verify stops everything: nothing is removed,
+       neither from the trail nor from the store (pruning would destroy the
+       evidence).
+    2. A ``retention_started`` event (the policy and ``now``) is recorded.
+    3. The trail's rotated files go, whole, oldest first, after an
+       ``audit_pruned`` event recording them was appended through the chain
+       (so ``verify_audit_log`` still proves the rest and still reports a file
+       deleted any other way); then the store's checkpoints, idempotency
+       records and run records.
+    4. A ``retention_applied`` event with every count is recorded.
+
+    The events go to the trail; without one (no ``audit_path`` and the policy
+    keeps the trail), to the current workflow's terminator, or the default
+    one (``get_terminator()``), like every other audit event of the process,
+    ``retention_started`` delivered to its sink before anything is removed.
+    A dry run writes nothing and removes nothing. A run that fails half way
+    leaves ``retention_started`` with no ``retention_applied`` after it.
 
     Safe to run at any time, from a cron job, while workflows run and write
-    the trail: it takes the same locks as they do.
+    the trail: it takes the same locks as they do, and holds the trail's only
+    to check what changed since it verified it, record and delete.
 
     Args:
         policy: How long to keep each kind.
@@ -238,11 +253,14 @@ def apply_retention(
             ``$TERMSAFE_HOME``'s (opened only when the policy prunes one of them).
         audit_path: The trail (its current file); default
             ``$TERMSAFE_HOME/audit.jsonl`` when the policy prunes the trail.
-        audit_key: The trail's HMAC key, if it is signed (the record of the
-            prune is signed with it).
+        audit_key: The trail's HMAC key, if it is signed (the records are
+            signed with it).
         now: The time ages are measured from, in seconds since the epoch;
             default ``time.time()``.
         dry_run: Remove nothing, write nothing; count what would go.
+        max_bytes: The trail's ``max_bytes``, as its writers use it, so that
+            the records rotate the trail as theirs do; default none (the few
+            records may take the current file past the writers' limit).
 
     Returns:
         The counts, by kind (``None`` for a kind the policy keeps forever).
@@ -250,11 +268,12 @@ def apply_retention(
     Raises:
         InvalidArgumentType: ``policy`` is not a ``RetentionPolicy``, ``store``
             not a store, ``audit_path`` not a path, ``audit_key`` not bytes,
-            or ``now`` not a number.
+            ``now`` not a number or ``max_bytes`` not an int.
         ConfigurationError: ``now`` is NaN or infinite, ``audit_key`` is empty,
-            or the trail is signed differently from ``audit_key``.
+            ``max_bytes`` is not positive, or the trail is signed differently
+            from ``audit_key`` (nothing was touched).
         FileNotFoundError: The policy prunes the trail and there is none at
-            ``audit_path`` (nothing else was touched).
+            ``audit_path`` (nothing was touched).
         AuditTrailError: The trail does not verify (nothing was touched).
     """
     if not isinstance(policy, RetentionPolicy):
@@ -272,36 +291,70 @@ def apply_retention(
     if audit_path is not None:
         from ._audit import JsonlSink
 
-        sink = JsonlSink(audit_path, key=audit_key)
+        sink = JsonlSink(audit_path, key=audit_key, max_bytes=max_bytes)
+    elif max_bytes is not None:
+        raise ConfigurationError(f"max_bytes is for a trail, and there is none (got {max_bytes!r})")
     try:
-        counts: dict[str, int | None] = dict.fromkeys(("audit_files", "audit_lines", *_STORE_PRUNE))
-        if sink is not None and policy.audit is not None:
-            pruned = sink._prune(policy.audit, when, dry_run=dry_run)
-            counts["audit_files"], counts["audit_lines"] = pruned.files, pruned.lines
+        prep = None
+        if sink is not None and (policy.audit is not None or _trail_exists(sink.path)):
+            # Verified, and planned, without the trail's lock.
+            prep = sink._prepare_prune(policy.audit, when)
+        if not store_kinds and policy.audit is None and sink is None:
+            return RetentionReport(dry_run=dry_run)
         if store_kinds and st is None:
             from ._store import open_default_store
 
             st = open_default_store()
+        if not dry_run:
+            _record(sink, st, "retention_started", policy, when, None)
+        counts: dict[str, int | None] = dict.fromkeys(("audit_files", "audit_lines", *_STORE_PRUNE))
+        if sink is not None and policy.audit is not None:
+            pruned = sink._prune(policy.audit, when, dry_run=dry_run, prep=prep)
+            counts["audit_files"], counts["audit_lines"] = pruned.files, pruned.lines
         for kind in store_kinds:
             prune = getattr(st, _STORE_PRUNE[kind])
             counts[kind] = int(prune(getattr(policy, kind), now=when, dry_run=dry_run))
         report = RetentionReport(**counts, dry_run=dry_run)
-        if sink is not None and not dry_run:
-            _record(sink, policy, report, when)
+        if not dry_run:
+            _record(sink, st, "retention_applied", policy, when, report)
         return report
     finally:
         if sink is not None:
             sink.close()
 
 
-def _record(sink: JsonlSink, policy: RetentionPolicy, report: RetentionReport, now: float) -> None:
+def _trail_exists(path: str) -> bool:
+    from ._audit import _rotated
+
+    return os.path.exists(path) or bool(_rotated(path))
+
+
+def _record(
+    sink: JsonlSink | None,
+    store: Store | None,
+    type_: str,
+    policy: RetentionPolicy,
+    now: float,
+    report: RetentionReport | None,
+) -> None:
     from ._audit import AuditEvent, utc_timestamp
 
-    details = {
-        "policy_s": policy.as_dict(),
-        "now": utc_timestamp(now),
-        **{k: v for k, v in report.as_dict().items() if k != "dry_run"},
-    }
-    sink.emit(
-        AuditEvent(seq=0, timestamp=utc_timestamp(), type="retention_applied", details=details)
-    )
+    details: dict[str, Any] = {"policy_s": policy.as_dict(), "now": utc_timestamp(now)}
+    if report is not None:
+        details.update((k, v) for k, v in report.as_dict().items() if k != "dry_run")
+    if sink is not None:
+        sink.emit(AuditEvent(seq=0, timestamp=utc_timestamp(), type=type_, details=details))
+        return
+    from ._safeop import OperationScope
+    from ._terminator import get_terminator
+
+    scope = OperationScope("api", "apply_retention", store)
+    scope.emit(type_, details)
+    if type_ == "retention_started":
+        # Delivered to the sink before anything is removed.
+        term = scope.workflow.terminator if scope.workflow is not None else get_terminator()
+        term.flush(_FLUSH_SECONDS)
+
+
+#: How long ``apply_retention`` waits for its first event to reach a terminator's sink.
+_FLUSH_SECONDS: Final = 5.0

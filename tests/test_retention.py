@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ from termsafe._audit import (
 from termsafe._exceptions import ConfigurationError, InvalidArgumentType, OutcomeUnknown
 from termsafe._retention import RetentionPolicy, RetentionReport, apply_retention
 from termsafe._store import SQLiteStore
-from tests.conftest import ADMIN
+from termsafe._terminator import _set_default_terminator
+from tests.conftest import ADMIN, TermFactory
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = b"retention-test-key"
@@ -553,7 +555,7 @@ class TestAudit:
         t = base_time()
         write_files(trail, [t, t + 1, time.time()], key=KEY)
         before = snapshot(trail.parent)
-        with pytest.raises(ConfigurationError, match="hmac-sha256"):
+        with pytest.raises(ConfigurationError, match="signed with HMAC-SHA-256"):
             apply_retention(RetentionPolicy(audit=DAY), audit_path=trail)
         assert before == {k: v for k, v in snapshot(trail.parent).items() if k in before}
 
@@ -650,6 +652,148 @@ class TestAudit:
         assert list(range(300)) == writer
 
 
+WRITER = (
+    "import sys\n"
+    "from termsafe._audit import AuditEvent, JsonlSink, utc_timestamp\n"
+    "sink = JsonlSink(sys.argv[1], fsync='never', max_bytes=3000)\n"
+    "for i in range(int(sys.argv[2])):\n"
+    "    sink.emit(AuditEvent(seq=i, timestamp=utc_timestamp(), type='x',"
+    " details={'pad': 'y' * 200}))\n"
+    "sink.close()\n"
+)
+
+
+class TestWithoutTheLock:
+    def test_dry_run_takes_no_lock(self, trail: Path) -> None:
+        """A dry run completes while another process holds the trail's lock."""
+        t = base_time()
+        write_files(trail, [t, t + 1, time.time()])
+        code = (
+            "import sys, filelock\n"
+            "with filelock.FileLock(sys.argv[1] + '.lock'):\n"
+            "    print('held', flush=True)\n"
+            "    sys.stdin.read(1)\n"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code, str(trail)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        result: list[RetentionReport] = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                apply_retention(RetentionPolicy(audit=DAY), audit_path=trail, dry_run=True)
+            )
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdin is not None
+            assert "held\n" == holder.stdout.readline()
+            thread.start()
+            thread.join(60)
+            done_while_held = not thread.is_alive()
+        finally:
+            if holder.stdin is not None:
+                holder.stdin.close()
+            holder.wait(60)
+            if holder.stdout is not None:
+                holder.stdout.close()
+            thread.join(60)
+        assert done_while_held
+        assert [RetentionReport(2, 2, dry_run=True)] == result
+
+    def test_lines_appended_after_the_verification(self, trail: Path) -> None:
+        """Lines appended, and rotations, between verification and lock are checked and kept."""
+        t = base_time()
+        write_files(trail, [t, t + 1, time.time()])
+        sink = JsonlSink(trail, fsync="never")
+        try:
+            prep = sink._prepare_prune(DAY, time.time())
+            assert 2 == len(prep.plan)
+            with JsonlSink(trail, fsync="never", max_bytes=ONE_PER_FILE) as other:
+                for i in range(3):
+                    other.emit(old_event(time.time(), 10 + i))
+            pruned = sink._prune(DAY, time.time(), dry_run=False, prep=prep)
+        finally:
+            sink.close()
+        assert (2, 2) == pruned
+        verdict = verify_audit_log(trail)
+        assert (True, 2) == (verdict.ok, verdict.pruned_through)
+        assert ["wf-2", "wf-10", "wf-11", "wf-12"] == [
+            e["workflow_id"] for e in events_of(trail, "hook_ran")
+        ]
+
+    def test_a_planned_file_edited_after_the_verification(self, trail: Path) -> None:
+        """A planned file edited before the lock is taken is not removed: the edit is reported."""
+        t = base_time()
+        write_files(trail, [t, t + 1, time.time()])
+        sink = JsonlSink(trail, fsync="never")
+        try:
+            prep = sink._prepare_prune(DAY, time.time())
+            oldest = rotated(trail)[0]
+            oldest.write_bytes(oldest.read_bytes().replace(b'"wf-0"', b'"wf-9"'))
+            before = snapshot(trail.parent)
+            with pytest.raises(AuditTrailError, match="does not verify \\(edited"):
+                sink._prune(DAY, time.time(), dry_run=False, prep=prep)
+        finally:
+            sink.close()
+        assert before == snapshot(trail.parent)
+
+    def test_files_renamed_while_verifying(self, trail: Path) -> None:
+        """Rotations between the listing of a trail and its reading do not upset the verifier."""
+        from termsafe._audit import _verify
+
+        write_files(trail, [time.time() for _ in range(4)])
+        verifier = _verify(os.fspath(trail), None, None, True)
+        with JsonlSink(trail, fsync="never", max_bytes=ONE_PER_FILE) as sink:
+            for i in range(3):
+                sink.emit(old_event(time.time(), 10 + i))  # every file moves up three numbers
+        report = verifier.run()
+        assert (True, 4) == (report.ok, report.lines)
+
+    def test_files_pruned_while_verifying(self, trail: Path) -> None:
+        """A verification that finds its oldest files pruned under it starts over, and agrees."""
+        from termsafe._audit import _TrailChanged, _verify
+
+        t = base_time()
+        write_files(trail, [t, t + 1, time.time()])
+        verifier = _verify(os.fspath(trail), None, None, True)
+        apply_retention(RetentionPolicy(audit=DAY), audit_path=trail)
+        with pytest.raises(_TrailChanged):
+            verifier.run()
+        verdict = verify_audit_log(trail)
+        assert (True, 2) == (verdict.ok, verdict.pruned_through)
+
+    def test_prunes_and_verifies_while_writers_rotate(self, trail: Path) -> None:
+        """Prunes and verifications race two rotating writer processes without an error."""
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with JsonlSink(trail, fsync="never") as sink:
+            sink.emit(old_event(time.time(), 0))
+        writers = [
+            subprocess.Popen([sys.executable, "-c", WRITER, str(trail), "1500"], env=env)
+            for _ in range(2)
+        ]
+        verdicts = []
+        pruned = 0
+        try:
+            while any(w.poll() is None for w in writers):
+                report = apply_retention(
+                    RetentionPolicy(audit=DAY), audit_path=trail, now=time.time() + 10 * DAY
+                )
+                pruned += report.audit_files or 0
+                verdicts.append(verify_audit_log(trail))
+        finally:
+            for w in writers:
+                w.wait(120)
+        assert [0, 0] == [w.returncode for w in writers]
+        assert [] == [v for v in verdicts if not v.ok]
+        final = verify_audit_log(trail)
+        assert (True, True) == (final.ok, pruned > 0)
+        head = records(trail)[-1]["seq"]
+        assert head == final.pruned_through + final.lines
+
+
 class TestApplyRetention:
     def test_nothing_set_touches_nothing(self, store: SQLiteStore, trail: Path) -> None:
         """A policy that keeps everything removes nothing and reports every kind as kept."""
@@ -698,7 +842,11 @@ class TestApplyRetention:
         report = apply_retention(policy, store=store, audit_path=trail, now=time.time() + DAY)
         assert RetentionReport(1, 1, 2, None, None) == report
         types = [r["event"]["type"] for r in records(trail)]
-        assert ["hook_ran", "audit_pruned", "retention_applied"] == types
+        assert ["hook_ran", "retention_started", "audit_pruned", "retention_applied"] == types
+        [started] = events_of(trail, "retention_started")
+        assert {"audit": DAY, "checkpoints": HOUR, "idempotency": None, "runs": None} == (
+            started["details"]["policy_s"]
+        )
         [applied] = events_of(trail, "retention_applied")
         assert (1, 1, 2, None, None) == tuple(
             applied["details"][k]
@@ -708,6 +856,82 @@ class TestApplyRetention:
             applied["details"]["policy_s"]
         )
         assert verify_audit_log(trail).ok
+
+    def test_signed_trail_without_its_key_keeps_the_store(
+        self, store: SQLiteStore, trail: Path
+    ) -> None:
+        """A trail the records cannot be appended to stops the run before a store row goes."""
+        write_files(trail, [time.time()], key=KEY)
+        store.save_checkpoint("nightly", {"step": 1})
+        before = snapshot(trail.parent)
+        with pytest.raises(ConfigurationError, match="signed with HMAC-SHA-256"):
+            apply_retention(
+                RetentionPolicy(checkpoints=0), store=store, audit_path=trail, now=time.time() + 1
+            )
+        assert {"step": 1} == store.load_checkpoint("nightly")
+        assert {k: v for k, v in before.items() if "sqlite" not in k} == {
+            k: v for k, v in snapshot(trail.parent).items() if "sqlite" not in k
+        }
+
+    def test_tampered_trail_stops_a_store_only_prune(self, store: SQLiteStore, trail: Path) -> None:
+        """Given a trail, a policy that keeps it still verifies it before touching the store."""
+        write_files(trail, [time.time(), time.time()])
+        raw = trail.read_bytes()
+        trail.write_bytes(raw.replace(b'"wf-1"', b'"wf-7"'))
+        store.save_checkpoint("nightly", {"step": 1})
+        with pytest.raises(AuditTrailError, match="does not verify \\(edited"):
+            apply_retention(
+                RetentionPolicy(checkpoints=0), store=store, audit_path=trail, now=time.time() + 1
+            )
+        assert {"step": 1} == store.load_checkpoint("nightly")
+
+    def test_without_a_trail_the_terminator_records_it(
+        self, store: SQLiteStore, make_term: TermFactory
+    ) -> None:
+        """With no trail given, the run is recorded through the default terminator's audit."""
+        sink = termsafe.MemorySink()
+        term = make_term(sink=sink)
+        old = _set_default_terminator(term)
+        try:
+            store.save_checkpoint("nightly", {"step": 1})
+            report = apply_retention(
+                RetentionPolicy(checkpoints=0), store=store, now=time.time() + 1
+            )
+            assert term.flush(60)
+        finally:
+            _set_default_terminator(old)
+        assert 1 == report.checkpoints
+        events = [e for e in sink.events if e.type.startswith("retention_")]
+        assert ["retention_started", "retention_applied"] == [e.type for e in events]
+        assert (0.0, None) == (
+            events[0].details["policy_s"]["checkpoints"],
+            events[0].details.get("checkpoints"),
+        )
+        assert 1 == events[1].details["checkpoints"]
+
+    def test_dry_run_without_a_trail_records_nothing(
+        self, store: SQLiteStore, make_term: TermFactory
+    ) -> None:
+        """A dry run emits no event at all."""
+        sink = termsafe.MemorySink()
+        term = make_term(sink=sink)
+        old = _set_default_terminator(term)
+        try:
+            store.save_checkpoint("nightly", {"step": 1})
+            report = apply_retention(
+                RetentionPolicy(checkpoints=0), store=store, now=time.time() + 1, dry_run=True
+            )
+            assert term.flush(60)
+        finally:
+            _set_default_terminator(old)
+        assert 1 == report.checkpoints
+        assert [] == [e.type for e in sink.events if e.type.startswith("retention_")]
+        assert {"step": 1} == store.load_checkpoint("nightly")
+
+    def test_max_bytes_without_a_trail(self, store: SQLiteStore) -> None:
+        """max_bytes with no trail to apply it to is named."""
+        with pytest.raises(ConfigurationError, match="1000"):
+            apply_retention(RetentionPolicy(checkpoints=0), store=store, max_bytes=1000)
 
     def test_default_home(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without a store or a trail, those of $TERMSAFE_HOME are pruned."""
@@ -850,6 +1074,45 @@ class TestPruneCommand:
         assert 2 == len(rotated(trail))
         with SQLiteStore(home / "store.sqlite3") as st:
             assert {"step": 1} == st.load_checkpoint("nightly")
+
+    def test_signed_trail_without_key_file_prunes_nothing(self, home: Path) -> None:
+        """A signed trail and no --key-file exits 2 before any run record is deleted."""
+        trail = home / "audit.jsonl"
+        for p in [*rotated(trail), trail]:
+            p.unlink()
+        write_files(trail, [time.time()], key=KEY)
+        ended = time.time() - 200 * DAY
+        with SQLiteStore(home / "store.sqlite3") as st:
+            st.run_register("r1", "nightly", owner=None, team=None, state="running")
+            st.run_set_state("r1", "killed", final=True)
+        with sqlite3.connect(home / "store.sqlite3") as conn:
+            conn.execute("UPDATE runs SET started_at = ?, ended_at = ?", (ended, ended + 1))
+        done = run_cli(home, "prune", "--runs", "90d")
+        assert 2 == done.returncode
+        assert "HMAC" in done.stderr
+        with SQLiteStore(home / "store.sqlite3") as st:
+            assert ["r1"] == [r.run_id for r in st.runs()]
+        key_file = home / "key"
+        key_file.write_bytes(KEY)
+        done = run_cli(home, "prune", "--runs", "90d", "--key-file", str(key_file))
+        assert (0, "runs: 1 ended run(s) removed") == (
+            done.returncode,
+            done.stdout.splitlines()[-1],
+        )
+        assert verify_audit_log(trail, key=KEY).ok
+        assert ["retention_started", "retention_applied"] == [
+            r["event"]["type"] for r in records(trail)[-2:]
+        ]
+
+    def test_max_bytes(self, home: Path) -> None:
+        """`--max-bytes` makes the prune's own records rotate the trail as its writers do."""
+        done = run_cli(home, "prune", "--audit", "90d", "--max-bytes", str(ONE_PER_FILE))
+        assert (0, "") == (done.returncode, done.stderr)
+        trail = home / "audit.jsonl"
+        sizes = [p.stat().st_size for p in [*rotated(trail), trail]]
+        assert [] == [size for size in sizes if size > ONE_PER_FILE]
+        assert len(sizes) >= 3  # the three records did not fit in one file
+        assert verify_audit_log(trail).ok
 
     def test_no_store(self, tmp_path: Path) -> None:
         """Store retentions without a store say so, and create none."""
