@@ -21,6 +21,7 @@ schema intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -315,6 +316,30 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Close the store's connections."""
+
+
+def _prune_cutoff(older_than: object, now: object, dry_run: object) -> float:
+    """``now - older_than`` for a prune, once the arguments are checked.
+
+    Raises:
+        InvalidArgumentType: ``older_than`` or ``now`` is not a number, or
+            ``dry_run`` not a bool.
+        ConfigurationError: ``older_than`` is negative, NaN or infinite, or
+            ``now`` NaN or infinite.
+    """
+    if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
+        raise InvalidArgumentType(f"older_than must be a number of seconds (got {older_than!r})")
+    if not math.isfinite(older_than) or older_than < 0:
+        raise ConfigurationError(f"older_than must be >= 0 and finite (got {older_than!r})")
+    if now is None:
+        now = time.time()
+    elif isinstance(now, bool) or not isinstance(now, (int, float)):
+        raise InvalidArgumentType(f"now must be a number of seconds since the epoch (got {now!r})")
+    elif not math.isfinite(now):
+        raise ConfigurationError(f"now must be finite (got {now!r})")
+    if not isinstance(dry_run, bool):
+        raise InvalidArgumentType(f"dry_run must be a bool (got {dry_run!r})")
+    return float(now) - float(older_than)
 
 
 def _check_key(key: object) -> str:
@@ -658,7 +683,7 @@ class SQLiteStore:
         ``sql`` is a ``(count, delete)`` pair of statements sharing one
         ``WHERE``, whose one parameter is the cutoff.
         """
-        cutoff = (time.time() if now is None else now) - older_than
+        cutoff = _prune_cutoff(older_than, now, dry_run)
         if dry_run:
             return int(self._conn().execute(sql[0], (cutoff,)).fetchone()[0])
         with self._tx() as tx:
@@ -713,6 +738,12 @@ class SQLiteStore:
 
         Returns:
             How many checkpoints were deleted (or would be).
+
+        Raises:
+            InvalidArgumentType: ``older_than`` or ``now`` is not a number, or
+                ``dry_run`` not a bool.
+            ConfigurationError: ``older_than`` is negative, NaN or infinite, or
+                ``now`` NaN or infinite.
         """
         return self._prune(_SQL_CHECKPOINT_PRUNE, older_than, now, dry_run)
 
@@ -1056,10 +1087,16 @@ class SQLiteStore:
 
         Returns:
             How many keys were deleted (or would be).
+
+        Raises:
+            InvalidArgumentType: ``older_than`` or ``now`` is not a number, or
+                ``dry_run`` not a bool.
+            ConfigurationError: ``older_than`` is negative, NaN or infinite, or
+                ``now`` NaN or infinite.
         """
+        cutoff = _prune_cutoff(older_than, now, dry_run)
         if dry_run:
             return self._prune(_SQL_IDEM_PRUNE, older_than, now, dry_run)
-        cutoff = (time.time() if now is None else now) - older_than
         try:
             with self._tx() as tx:
                 cur = tx.execute(_SQL_IDEM_PRUNE[1], (cutoff,))
@@ -1237,6 +1274,12 @@ class SQLiteStore:
 
         Returns:
             How many runs were deleted (or would be).
+
+        Raises:
+            InvalidArgumentType: ``older_than`` or ``now`` is not a number, or
+                ``dry_run`` not a bool.
+            ConfigurationError: ``older_than`` is negative, NaN or infinite, or
+                ``now`` NaN or infinite.
         """
         return self._prune(_SQL_RUN_PRUNE, older_than, now, dry_run)
 

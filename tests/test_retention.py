@@ -287,6 +287,39 @@ class TestRuns:
         assert 0 == apply_retention(policy, store=store, now=far).runs
 
 
+class TestStorePruneArguments:
+    @pytest.mark.parametrize("method", ["checkpoint_prune", "run_prune", "idem_prune"])
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "named"),
+        [
+            ({"older_than": -1.0}, ConfigurationError, "-1.0"),
+            ({"older_than": math.inf}, ConfigurationError, "inf"),
+            ({"older_than": "90d"}, InvalidArgumentType, "'90d'"),
+            ({"older_than": True}, InvalidArgumentType, "True"),
+            ({"now": math.inf}, ConfigurationError, "inf"),
+            ({"now": math.nan}, ConfigurationError, "nan"),
+            ({"now": "today"}, InvalidArgumentType, "'today'"),
+            ({"dry_run": "yes"}, InvalidArgumentType, "'yes'"),
+        ],
+    )
+    def test_bad_arguments_are_named(
+        self,
+        store: SQLiteStore,
+        method: str,
+        kwargs: dict[str, Any],
+        error: type[Exception],
+        named: str,
+    ) -> None:
+        """A bad age, time or flag raises naming the value, and deletes nothing."""
+        store.save_checkpoint("nightly", {"step": 1})
+        args: dict[str, Any] = {"older_than": 0.0, "now": time.time() + DAY, **kwargs}
+        older_than = args.pop("older_than")
+        with pytest.raises(error) as info:
+            getattr(store, method)(older_than, **args)
+        assert named in str(info.value)
+        assert {"step": 1} == store.load_checkpoint("nightly")
+
+
 class TestAudit:
     def test_boundary(self, trail: Path) -> None:
         """A rotated file goes once its newest event is older than the retention, oldest first."""
