@@ -1111,10 +1111,12 @@ class JsonlSink:
            each one's newest event is older than ``now - older_than``. The
            current file is never among them, nor any file newer than one that
            stays. A dry run stops here, having taken no lock.
-        2. Under the lock: every planned file is still there, unchanged (same
+        2. Still without the lock, the lines writers appended meanwhile are
+           verified from the verified head, until few were new. Then, under
+           the lock: every planned file is still there, unchanged (same
            inode, size and modification time), and the lines appended since
-           the verified head continue its chain; else the plan is made again
-           (after a few tries, under the lock, as a last resort).
+           that head continue its chain; else the plan is made again (after a
+           few tries, under the lock, as a last resort).
         3. An ``audit_pruned`` event is appended through the chain, and
            fsynced: the ``seq`` and ``hash`` of the last line of every file
            about to go (``details["heads"]``), so the verifier can start from
@@ -1143,6 +1145,7 @@ class JsonlSink:
             pruned = PrunedFiles(len(prep.plan), sum(f.lines for f in prep.plan))
             if dry_run or not prep.plan:
                 return pruned
+            prep = self._catch_up(prep)
             if self._commit_prune(prep, older_than, now):
                 return pruned
             prep = None  # the trail changed in between: plan again
@@ -1234,13 +1237,37 @@ class JsonlSink:
                 st = os.fstat(fh.fileno())
                 if not _same_or_sealed(fh.fileno(), st, (f.size, f.mtime_ns)):
                     return False
+        return self._continues(files, prep, locked=True) is not None
+
+    def _continues(
+        self, files: list[_TrailFile], prep: _PrunePrep, *, locked: bool
+    ) -> _Verifier | None:
+        """The verifier of the lines after ``prep``'s head, if they continue its chain."""
         ident, end, seq, digest = prep.head
         at = [i for i, f in enumerate(files) if f.ident == ident]
         if not at:
-            return False
-        tail = _Verifier(self.path, files[at[0] :], self._key, None, False, locked=True)
+            return None
+        tail = _Verifier(self.path, files[at[0] :], self._key, None, False, locked=locked)
         tail.start_from(end, seq, digest)
-        return tail.run().ok
+        return tail if tail.run().ok else None
+
+    def _catch_up(self, prep: _PrunePrep) -> _PrunePrep:
+        """Verify, without the lock, what writers appended since ``prep`` was made.
+
+        So that under the lock only the lines appended in the last moments
+        are left to check, however fast the writers are.
+        """
+        for _ in range(_CATCH_UP_ROUNDS):
+            try:
+                tail = self._continues(_snapshot(self.path), prep, locked=False)
+            except (_TrailChanged, FileNotFoundError):
+                return prep
+            if tail is None:
+                return prep  # the commit's own check will say so
+            prep = prep._replace(head=tail.head)
+            if tail.checked < _CATCH_UP_LINES:
+                break
+        return prep
 
     def _remove(self, plan: list[_PrunePlanFile], older_than: float, now: float) -> None:
         """Under the lock: seal, record and unlink the planned files."""
@@ -1552,6 +1579,10 @@ class _PrunePrep(NamedTuple):
 
 #: How many times a prune plans again when the trail changed before it took the lock.
 _PRUNE_TRIES: Final = 3
+#: A prune verifies the lines appended since its verification without the lock
+#: at most this many times, until fewer than this many lines were new.
+_CATCH_UP_ROUNDS: Final = 8
+_CATCH_UP_LINES: Final = 500
 
 
 def _where(path: str) -> dict[tuple[int, int], str]:
@@ -2098,6 +2129,11 @@ class _Verifier:
 
     def close(self) -> None:
         self._lines.close()  # closes the file it stopped in
+
+    @property
+    def checked(self) -> int:
+        """How many lines were verified."""
+        return self._checked
 
     def rotated(self) -> list[_TrailFile]:
         """The rotated files of the snapshot verified, oldest first."""
