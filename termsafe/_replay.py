@@ -217,6 +217,7 @@ def replay_audit(
     key: bytes | None = None,
     anchor: Anchor | None = None,
     allow_tampered: bool = False,
+    allow_pruned: bool | None = None,
 ) -> Replay:
     """Rebuild each workflow's final state and timeline from a ``JsonlSink`` trail.
 
@@ -229,6 +230,9 @@ def replay_audit(
         anchor: A head anchor to check truncation against.
         allow_tampered: Rebuild a trail that fails verification anyway
             (``Replay.verified`` is then false); default: refuse it.
+        allow_pruned: As for ``verify_audit_log``: whether a trail whose
+            oldest files a recorded prune removed verifies (default: yes,
+            unless a keyless trail is checked against an ``anchor``).
 
     Returns:
         The ``Replay``.
@@ -237,10 +241,11 @@ def replay_audit(
         AuditTampered: the chain does not verify (and ``allow_tampered`` is false);
             ``.report`` names the first bad line.
         FileNotFoundError: there is no trail at ``path``.
-        InvalidArgumentType: ``key`` is not bytes or ``anchor`` not an ``Anchor``.
+        InvalidArgumentType: ``key`` is not bytes, ``anchor`` not an ``Anchor``,
+            or ``allow_pruned`` not a bool or ``None``.
         ConfigurationError: ``key`` is empty.
     """
-    report = verify_audit_log(path, key=key, anchor=anchor)
+    report = verify_audit_log(path, key=key, anchor=anchor, allow_pruned=allow_pruned)
     fspath = os.fspath(path)
     if not report.ok and not allow_tampered:
         raise AuditTampered(fspath, report)

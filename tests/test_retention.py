@@ -31,7 +31,13 @@ from termsafe._audit import (
     utc_timestamp,
     verify_audit_log,
 )
-from termsafe._exceptions import ConfigurationError, InvalidArgumentType, OutcomeUnknown
+from termsafe._exceptions import (
+    AuditTampered,
+    ConfigurationError,
+    InvalidArgumentType,
+    OutcomeUnknown,
+)
+from termsafe._replay import replay_audit
 from termsafe._retention import RetentionPolicy, RetentionReport, apply_retention
 from termsafe._store import SQLiteStore
 from termsafe._terminator import _set_default_terminator
@@ -343,6 +349,18 @@ class TestAudit:
         ]
         verdict = verify_audit_log(trail)
         assert (True, 2) == (verdict.ok, verdict.pruned_through)
+
+    def test_replay_of_a_pruned_trail_follows_verify(self, trail: Path) -> None:
+        """replay_audit accepts a pruned trail as verify_audit_log does, allow_pruned included."""
+        t = base_time()
+        write_files(trail, [t + i for i in range(4)] + [time.time()])
+        with JsonlSink(trail) as sink:
+            anchor = sink.anchor()
+        apply_retention(RetentionPolicy(audit=DAY), audit_path=trail)
+        assert replay_audit(trail).verified
+        with pytest.raises(AuditTampered):  # keyless and anchored: a recorded prune is not proof
+            replay_audit(trail, anchor=anchor)
+        assert replay_audit(trail, anchor=anchor, allow_pruned=True).verified
 
     def test_pruned_trail_verifies(self, trail: Path) -> None:
         """After a prune the rest verifies, and says which seqs the trail records as pruned."""
