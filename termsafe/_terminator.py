@@ -58,7 +58,7 @@ from ._permissions import Decision, KillPolicy, Principal
 from ._sections import CriticalSection, SectionKinds, validate_seconds
 from ._states import WorkflowState, is_terminal
 from ._timer import DeadlineTimer, Entry
-from ._workflow import Probe, Workflow, WorkflowContext
+from ._workflow import Probe, Workflow, WorkflowContext, workflow_context
 
 if TYPE_CHECKING:
     from ._audit import AuditEvent, AuditSink
@@ -436,16 +436,7 @@ class Terminator:
         Raises:
             InvalidArgumentType: see ``termsafe.workflow``.
         """
-        from ._workflow import workflow
-
-        return workflow(
-            workflow_id,
-            owner=owner,
-            team=team,
-            depends_on=depends_on,
-            terminator=self,
-            cascade=cascade,
-        )
+        return workflow_context(workflow_id, owner, team, depends_on, self, cascade)
 
     def critical_section(self, kind: str, grace: float | None = None) -> CriticalSection:
         """``termsafe.critical_section(...)``, validating ``kind`` against this terminator.

@@ -832,10 +832,30 @@ def workflow(
         DuplicateWorkflow: on entry, when a live workflow already has the id.
         Terminated: on entry inside a workflow that is being killed.
     """
-    from ._terminator import Terminator
+    if terminator is not None:
+        from ._terminator import Terminator
 
-    if terminator is not None and not isinstance(terminator, Terminator):
-        raise InvalidArgumentType(f"terminator must be a Terminator (got {terminator!r})")
+        if not isinstance(terminator, Terminator):
+            raise InvalidArgumentType(f"terminator must be a Terminator (got {terminator!r})")
+    return workflow_context(workflow_id, owner, team, depends_on, terminator, cascade)
+
+
+def workflow_context(
+    workflow_id: str,
+    owner: str | None,
+    team: str | None,
+    depends_on: Iterable[str],
+    terminator: Terminator | None,
+    cascade: bool,
+) -> WorkflowContext:
+    """``workflow()`` for a caller that knows ``terminator`` is a ``Terminator`` (or ``None``).
+
+    ``Terminator.workflow`` calls it directly: an import statement in a
+    function costs a lookup on every workflow started.
+
+    Raises:
+        InvalidArgumentType: as for ``workflow()``.
+    """
     if not isinstance(cascade, bool):
         raise InvalidArgumentType(f"cascade must be a bool (got {cascade!r})")
     return WorkflowContext(
