@@ -44,6 +44,7 @@ from ._exceptions import (
     StoreCorrupt,
 )
 from ._procs import Identity, current_identity, identity_alive
+from ._validate import validate_seconds
 
 __all__ = [
     "APPLICATION_ID",
@@ -327,10 +328,8 @@ def _prune_cutoff(older_than: object, now: object, dry_run: object) -> float:
         ConfigurationError: ``older_than`` is negative, NaN or infinite, or
             ``now`` NaN or infinite.
     """
-    if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
-        raise InvalidArgumentType(f"older_than must be a number of seconds (got {older_than!r})")
-    if not math.isfinite(older_than) or older_than < 0:
-        raise ConfigurationError(f"older_than must be >= 0 and finite (got {older_than!r})")
+    age = validate_seconds("older_than", older_than)
+    assert age is not None
     if now is None:
         now = time.time()
     elif isinstance(now, bool) or not isinstance(now, (int, float)):
@@ -339,7 +338,7 @@ def _prune_cutoff(older_than: object, now: object, dry_run: object) -> float:
         raise ConfigurationError(f"now must be finite (got {now!r})")
     if not isinstance(dry_run, bool):
         raise InvalidArgumentType(f"dry_run must be a bool (got {dry_run!r})")
-    return float(now) - float(older_than)
+    return float(now) - age
 
 
 def _check_key(key: object) -> str:

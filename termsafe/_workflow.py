@@ -967,20 +967,18 @@ def request_termination(reason: str) -> TerminationRequest:
     return wf.terminator.request_termination(wf, reason)
 
 
-def _require_workflow(what: str) -> Workflow:
+def _in_scope(what: str) -> Workflow:
     wf = _current.get()
     if wf is None:
         raise NoActiveWorkflow(f"{what} needs a workflow in scope; call it inside workflow(...)")
-    if wf.abandoned:
-        # The terminator took this workflow over: nothing registered now would run.
-        raise ForcedTermination(wf.id, wf.kill_reason)
     return wf
 
 
-def _hook_target(what: str) -> Workflow:
-    wf = _current.get()
-    if wf is None:
-        raise NoActiveWorkflow(f"{what} needs a workflow in scope; call it inside workflow(...)")
+def _require_workflow(what: str) -> Workflow:
+    wf = _in_scope(what)
+    if wf.abandoned:
+        # The terminator took this workflow over: it takes no new request.
+        raise ForcedTermination(wf.id, wf.kill_reason)
     return wf
 
 
@@ -1003,7 +1001,7 @@ def on_rollback(fn: Callable[[], Any]) -> Hook:
             terminator worker), before this is raised.
         KeyboardInterrupt: raised by ``fn`` run here (likewise ``SystemExit``).
     """
-    return _hook_target("on_rollback()").push_hook(fn, "rollback")
+    return _in_scope("on_rollback()").push_hook(fn, "rollback")
 
 
 def on_cleanup(fn: Callable[[], Any]) -> Hook:
@@ -1022,4 +1020,4 @@ def on_cleanup(fn: Callable[[], Any]) -> Hook:
             terminator worker), before this is raised.
         KeyboardInterrupt: raised by ``fn`` run here (likewise ``SystemExit``).
     """
-    return _hook_target("on_cleanup()").push_hook(fn, "cleanup")
+    return _in_scope("on_cleanup()").push_hook(fn, "cleanup")

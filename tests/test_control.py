@@ -515,20 +515,7 @@ HOST = textwrap.dedent(
 class TestManyHosts:
     def test_thousand_workflows_across_four_processes(self, home: Path, store: SQLiteStore) -> None:
         """1,000 workflows in 4 processes: ps lists them all, and kill reaches the right one."""
-        hosts = [
-            subprocess.Popen(
-                [sys.executable, "-c", HOST, "250", f"h{i}"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-            for i in range(4)
-        ]
-        try:
-            for host in hosts:
-                assert host.stdout is not None
-                assert "ready\n" == host.stdout.readline()
+        with _hosts([(f"h{i}", 250) for i in range(4)]) as hosts:
             listed = cli("ps", "--json")
             assert 0 == listed.returncode, listed.stderr
             rows = json.loads(listed.stdout)
@@ -541,15 +528,6 @@ class TestManyHosts:
             assert 0 == killed.returncode, killed.stderr
             assert hosts[2].stdout is not None
             assert "finished h2-117 terminated one of many\n" == hosts[2].stdout.readline()
-        finally:
-            for host in hosts:
-                assert host.stdin is not None
-                host.stdin.close()
-            for host in hosts:
-                host.wait(60)
-                if host.stdout is not None:
-                    host.stdout.read()
-                    host.stdout.close()
         assert [0, 0, 0, 0] == [h.returncode for h in hosts]
         assert {"terminated"} == {r.state for r in store.runs()}
 

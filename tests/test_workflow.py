@@ -149,12 +149,30 @@ class TestThreadWorkflow:
             ({"workflow_id": "w", "depends_on": [1]}, "1"),
             ({"workflow_id": "w", "depends_on": 3}, "3"),
             ({"workflow_id": "w", "terminator": "default"}, "'default'"),
+            ({"workflow_id": "w", "cascade": "yes"}, "'yes'"),
         ],
     )
     def test_bad_arguments(self, term: Terminator, kwargs: dict[str, Any], shown: str) -> None:
         """A bad argument raises InvalidArgumentType naming the value, and registers nothing."""
         with pytest.raises(InvalidArgumentType, match=re.escape(f"(got {shown})")):
             termsafe.workflow(**kwargs)
+        assert [] == term.workflows()
+
+    @pytest.mark.parametrize(
+        ("kwargs", "shown"),
+        [
+            ({"workflow_id": 5}, "5"),
+            ({"workflow_id": "w", "owner": 7}, "7"),
+            ({"workflow_id": "w", "depends_on": "other"}, "'other'"),
+            ({"workflow_id": "w", "cascade": 1}, "1"),
+        ],
+    )
+    def test_bad_arguments_through_the_terminator(
+        self, term: Terminator, kwargs: dict[str, Any], shown: str
+    ) -> None:
+        """Terminator.workflow checks its arguments as termsafe.workflow does, naming the value."""
+        with pytest.raises(InvalidArgumentType, match=re.escape(f"(got {shown})")):
+            term.workflow(**kwargs)
         assert [] == term.workflows()
 
     def test_context_reused_while_in_use(self, term: Terminator) -> None:
