@@ -1027,6 +1027,57 @@ class TestStoreClaim:
         )
         assert Claim("sc-1", True, {"a": [1]}, 1, False) == read == remembered
 
+    def test_first_runs_insert_at_once_replays_read_first(self, store: SQLiteStore) -> None:
+        """After a first run the next claim is one INSERT; after a replay, a read comes first."""
+        statements: list[str] = []
+        store._conn().set_trace_callback(lambda sql: statements.append(sql.split()[0].upper()))
+
+        def claim(key: str) -> tuple[bool, list[str]]:
+            statements.clear()
+            got = store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+            return got.replay, list(statements)
+
+        def record(key: str) -> None:
+            store.idem_record(key, 1, key)
+
+        for key in ("done-1", "done-2"):
+            other = SQLiteStore(store.path)
+            other.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+            other.idem_record(key, 1, key)
+            other.close()
+        assert (False, ["SELECT", "INSERT"]) == claim("new-1")  # a new store object reads first
+        record("new-1")
+        assert (False, ["INSERT"]) == claim("new-2")
+        record("new-2")
+        wal = Path(f"{store.path}-wal")
+        size = wal.stat().st_size
+        # An INSERT of an existing key writes nothing; the replay then reads.
+        assert (True, ["INSERT", "SELECT"]) == claim("done-1")
+        assert size == wal.stat().st_size
+        assert (True, ["SELECT"]) == claim("done-2")
+        assert (False, ["SELECT", "INSERT"]) == claim("new-3")
+        assert (False, ["INSERT"]) == claim("new-4")
+
+    def test_replays_after_a_restart_take_no_write_lock(self, store: SQLiteStore) -> None:
+        """A new store object, and one that replayed last, replays while a writer holds the lock."""
+        for key in ("r-1", "r-2", "r-3"):
+            store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
+            store.idem_record(key, 1, key)
+        fresh = SQLiteStore(store.path, busy_timeout=0.05)
+        writer = sqlite3.connect(store.path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            assert fresh.idem_claim("r-1", "f" * 64, lease_seconds=60.0, retry_unknown=False).replay
+            writer.execute("COMMIT")
+            fresh.idem_claim("new", "f" * 64, lease_seconds=60.0, retry_unknown=False)
+            assert fresh.idem_claim("r-2", "f" * 64, lease_seconds=60.0, retry_unknown=False).replay
+            writer.execute("BEGIN IMMEDIATE")
+            assert fresh.idem_claim("r-3", "f" * 64, lease_seconds=60.0, retry_unknown=False).replay
+            writer.execute("COMMIT")
+        finally:
+            writer.close()
+            fresh.close()
+
     def test_record_with_a_stale_epoch(self, store: SQLiteStore) -> None:
         """A record under an epoch that is not the key's claim raises LeaseLost naming both."""
         store.idem_claim("sc-2", "f" * 64, lease_seconds=60.0, retry_unknown=False)
