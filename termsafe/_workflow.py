@@ -152,7 +152,7 @@ class Workflow:
         self._done: threading.Event | None = None
         self._delivered = False  # ended, and its events up to then reached the sink
         self._ended_ev: threading.Event | None = None  # only for waiters on the dispatcher
-        self._loop_call: Callable[[Callable[[], object]], object] | None = None
+        self._loop_call: _LoopBatch | None = None  # async: its loop's batch of calls
         self._scope: anyio.CancelScope | None = None
         self._children: list[Workflow] | None = None
 
@@ -295,16 +295,20 @@ class Workflow:
 
     def call_in_loop(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` soon on the workflow's event loop (no-op for thread workflows)."""
-        call = self._loop_call
-        if call is None:
+        self._call_in_loop(_call, fn)
+
+    def _call_in_loop(self, fn: Callable[[Any], object], arg: Any) -> None:
+        """Run ``fn(arg)`` soon on the workflow's event loop (no-op for thread workflows)."""
+        batch = self._loop_call
+        if batch is None:
             return
         if self.thread is threading.current_thread():
             # Already on the loop's thread (a kill from the workflow's own loop):
             # act now, so no further await completes first.
-            fn()
+            fn(arg)
             return
         try:
-            call(fn)
+            batch.call(fn, arg)
         except RuntimeError:
             # The loop is closed: nothing left there to cancel.
             pass
@@ -313,7 +317,9 @@ class Workflow:
         """Cancel the async workflow's scope from any thread."""
         scope = self._scope
         if scope is not None:
-            self.call_in_loop(scope.cancel)
+            # The unbound method and the scope, not ``scope.cancel``: a kill
+            # storm would make (and the collector walk) one bound method per kill.
+            self._call_in_loop(type(scope).cancel, scope)
 
     # -- sections ---------------------------------------------------------------
 
@@ -723,12 +729,17 @@ def _leave_child(parent: Workflow, child_id: str) -> None:
     parent.deliver()
 
 
+def _call(fn: Callable[[], object]) -> object:
+    return fn()
+
+
 class _LoopBatch:
     """Coalesces cross-thread calls into one loop wake-up per batch.
 
     Killing 10,000 async workflows would otherwise write the loop's self-pipe
     10,000 times; here the first call of a batch schedules one drain and the
-    rest join the list it will run.
+    rest join the list it will run. The list holds each call as two items,
+    the function and its argument, so that a call needs no new object.
     """
 
     __slots__ = ("__weakref__", "_call", "_lock", "_pending")
@@ -736,12 +747,19 @@ class _LoopBatch:
     def __init__(self, call: Callable[[Callable[[], object]], object]) -> None:
         self._call = call
         self._lock = threading.Lock()
-        self._pending: list[Callable[[], object]] = []
+        self._pending: list[Any] = []  # fn, arg, fn, arg, ...
 
-    def call(self, fn: Callable[[], object]) -> None:
+    def call(self, fn: Callable[[Any], object], arg: Any) -> None:
+        """Run ``fn(arg)`` soon in the loop's thread.
+
+        Raises:
+            RuntimeError: the loop is closed.
+        """
         with self._lock:
-            self._pending.append(fn)
-            if len(self._pending) > 1:
+            pending = self._pending
+            pending.append(fn)
+            pending.append(arg)
+            if len(pending) > 2:
                 return
         try:
             self._call(self._drain)
@@ -752,12 +770,15 @@ class _LoopBatch:
 
     def _drain(self) -> None:
         with self._lock:
-            fns, self._pending = self._pending, []
-        for fn in fns:
+            items, self._pending = self._pending, []
+        for i in range(0, len(items), 2):
+            fn = items[i]
             try:
-                fn()
+                fn(items[i + 1])
             except Exception:
-                logging.getLogger("termsafe").exception("termsafe: loop callback %r failed", fn)
+                logging.getLogger("termsafe").exception(
+                    "termsafe: loop callback %r failed", items[i + 1] if fn is _call else fn
+                )
 
 
 _batches: weakref.WeakKeyDictionary[Any, _LoopBatch] = weakref.WeakKeyDictionary()
@@ -775,18 +796,18 @@ def _batch_for(key: Any, call: Callable[[Callable[[], object]], object]) -> _Loo
         return batch
 
 
-def _loop_caller() -> tuple[str, Callable[[Callable[[], object]], object]]:
-    """The running backend's name and a thread-safe, non-blocking 'call soon'."""
+def _loop_caller() -> tuple[str, _LoopBatch]:
+    """The running backend's name and its loop's batch of thread-safe, non-blocking calls."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
-        return "asyncio", _batch_for(loop, loop.call_soon_threadsafe).call
+        return "asyncio", _batch_for(loop, loop.call_soon_threadsafe)
     import trio
 
     token = trio.lowlevel.current_trio_token()
-    return "trio", _batch_for(token, token.run_sync_soon).call
+    return "trio", _batch_for(token, token.run_sync_soon)
 
 
 def workflow(

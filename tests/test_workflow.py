@@ -622,3 +622,54 @@ class TestForcedThread:
                 raise
         assert [ForcedTermination] == caught
         assert S.TERMINATED == wf.state
+
+
+class TestLoopBatch:
+    """Calls handed to an event loop from other threads, one wake-up per batch."""
+
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_calls_from_threads_run_in_order_and_a_failure_spares_the_rest(
+        self, backend: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Each fn(arg) runs once in the loop's thread, in order; one that raises is logged."""
+        from termsafe._workflow import _call, _loop_caller
+
+        ran: list[tuple[object, bool]] = []
+        finished: list[anyio.Event] = []
+        loop_thread: threading.Thread | None = None
+
+        def record(arg: object) -> None:
+            if arg == "boom":
+                raise RuntimeError("boom")
+            ran.append((arg, threading.current_thread() is loop_thread))
+            if arg == "last":
+                finished[0].set()  # in the loop's thread
+
+        def failing() -> None:
+            raise ValueError("plain call failed")
+
+        async def main() -> None:
+            nonlocal loop_thread
+            loop_thread = threading.current_thread()
+            finished.append(anyio.Event())
+            _, batch = _loop_caller()
+
+            def from_thread() -> None:
+                for i in range(50):
+                    batch.call(record, i)
+                batch.call(record, "boom")
+                batch.call(_call, failing)
+                batch.call(_call, lambda: record("plain"))
+                batch.call(record, "last")
+
+            await anyio.to_thread.run_sync(from_thread)
+            with anyio.fail_after(WAIT):
+                await finished[0].wait()
+
+        with caplog.at_level("ERROR", logger="termsafe"):
+            anyio.run(main, backend=backend)
+        assert [*range(50), "plain", "last"] == [arg for arg, _ in ran]
+        assert all(on_loop for _, on_loop in ran)
+        failures = [r.getMessage() for r in caplog.records if "loop callback" in r.getMessage()]
+        assert 2 == len(failures)
+        assert "failing" in failures[1]
