@@ -242,7 +242,7 @@ class KillRequest:
 
     def cancel_timers(self, timer: DeadlineTimer) -> None:
         """Drop the deadlines still pending (the workflow ended)."""
-        timer.cancel(self.timer)
+        timer.cancel(self.timer, self)
         self.timer = None
         sections = self.section_timers
         if sections is not None:
@@ -897,11 +897,13 @@ class Terminator:
                 timer.call_at(now + grace, self._on_sections_due, request) for grace in graces
             ]
         if request.force:
-            request.timer = timer.call_at(system_at, self._on_system_due, request)
+            request.timer = timer.call_batched(system_at, self._on_system_due, request)
             self._forced_actions_run(wf, request)
         else:
             # One deadline per kill: the forced phase queues the system phase.
-            request.timer = timer.call_at(now + forced_in, self._on_forced_due, request)
+            # Batched: the kills of a storm due in the same millisecond share
+            # a heap entry (no entry, heap push or lock hold of their own).
+            request.timer = timer.call_batched(now + forced_in, self._on_forced_due, request)
 
     # Deadline callbacks (timer thread): the request names its workflow.
 
@@ -930,8 +932,12 @@ class Terminator:
                 if request.grace_deadline is not None:
                     system_at = max(system_at, request.grace_deadline + self.phases.forced)
                 request.system_at = min(request.system_at, system_at)
-            self._timer.cancel(request.timer)  # the forced deadline, unless it is this call
-            request.timer = self._timer.call_at(request.system_at, self._on_system_due, request)
+            self._timer.cancel(
+                request.timer, request
+            )  # the forced deadline, unless it is this call
+            request.timer = self._timer.call_batched(
+                request.system_at, self._on_system_due, request
+            )
             # Under the lock, so the trail never shows it after "workflow_finished".
             self._pipe.emit(
                 "phase_changed",

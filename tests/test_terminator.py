@@ -55,6 +55,7 @@ from termsafe import (
 )
 from termsafe._states import is_terminal
 from termsafe._terminator import STORM_SWITCH_INTERVAL
+from termsafe._timer import BATCH_SLOT
 
 S = WorkflowState
 ADMIN = Principal("root", roles=("admin",))
@@ -491,6 +492,37 @@ class TestEscalation:
             with pytest.raises(InvalidArgumentType, match=re.escape(f"(got {bad})")):
                 call(term)
             assert wf.kill is None
+
+    def test_a_storm_shares_its_phase_deadlines(self, make_term: TermFactory) -> None:
+        """Kills due in the same millisecond share a timer entry; each still reaches its phase."""
+        count = 300
+        term = make_term(phases=Phases(0.2, 30))
+        forced: list[str] = []
+        all_forced = threading.Event()
+
+        def listen(event: AuditEvent) -> None:
+            if event.type == "phase_changed" and event.details.get("phase") == "forced":
+                forced.append(str(event.workflow_id))
+                if len(forced) == count:
+                    all_forced.set()
+
+        term.add_event_listener(listen)
+        with contextlib.ExitStack() as stack:
+            for i in range(count):
+                stack.enter_context(term.workflow(f"storm-{i}"))
+            started = time.monotonic()
+            handles = term.kill_all(by=ADMIN)
+            spanned = time.monotonic() - started
+            entries = [e for e in term._timer._heap if e[2] == term._on_forced_due]
+            # One entry per millisecond the storm spanned, not one per kill.
+            assert len(entries) <= spanned / BATCH_SLOT + 2
+            assert count == sum(len(e[3]) for e in entries)
+            assert all_forced.wait(WAIT)
+            assert sorted(f"storm-{i}" for i in range(count)) == sorted(forced)
+            assert {"forced"} == {h.phase for h in handles}
+            # The system phase is queued the same way.
+            systems = [e for e in term._timer._heap if e[2] == term._on_system_due]
+            assert count == sum(len(e[3]) for e in systems)
 
     def test_kill_all_on_a_closed_terminator(self, make_term: TermFactory) -> None:
         """kill_all on a closed terminator raises TerminatorClosed, even with nothing live."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import WAIT
 
-from termsafe._timer import DeadlineTimer
+from termsafe._timer import BATCH_SLOT, DeadlineTimer
 
 
 @pytest.fixture
@@ -109,3 +109,122 @@ class TestCancel:
         # 1,499 left; the 499 cancelled after stay until they come due.
         assert (1499, 499) == (len(timer._heap), timer._cancelled)
         assert entries[2000:] == sorted(e for e in timer._heap if e[2] is not None)
+
+
+class TestBatched:
+    """call_batched: the calls of one callback due in the same slot share a heap entry."""
+
+    def test_calls_in_one_slot_share_an_entry_and_each_runs_once(
+        self, timer: DeadlineTimer
+    ) -> None:
+        """Many calls for one slot push one entry; each argument runs once, in order."""
+        ran: list[int] = []
+        done = threading.Event()
+
+        def record(n: int) -> None:
+            ran.append(n)
+            if n == 99:
+                done.set()
+
+        # Far enough ahead that the slot cannot close while the calls join it.
+        slot = (time.monotonic() + 0.2) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+        entries = [timer.call_batched(slot, record, n) for n in range(100)]
+        assert all(e is entries[0] for e in entries)
+        assert 1 == len(timer._heap)
+        assert done.wait(WAIT)
+        assert list(range(100)) == ran
+
+    def test_never_runs_before_its_deadline(self, timer: DeadlineTimer) -> None:
+        """Each call runs at its deadline or after it (the slot's end), never before."""
+        late: list[float] = []
+        done = threading.Event()
+        deadlines = [time.monotonic() + 0.01 + i * 0.0004 for i in range(40)]
+
+        def check(deadline: float) -> None:
+            late.append(time.monotonic() - deadline)
+            if len(late) == len(deadlines):
+                done.set()
+
+        for deadline in deadlines:
+            timer.call_batched(deadline, check, deadline)
+        assert done.wait(WAIT)
+        assert min(late) >= 0
+
+    def test_other_slots_and_callbacks_get_their_own_entries(self, timer: DeadlineTimer) -> None:
+        """Another slot, or another callback, is not folded into an open entry."""
+        far = time.monotonic() + 3600
+        a = timer.call_batched(far, print, 1)
+        b = timer.call_batched(far + 10 * BATCH_SLOT, print, 2)
+        c = timer.call_batched(far, repr, 3)
+        assert a is not b
+        assert a is not c
+        assert 3 == len(timer._heap)
+
+    def test_cancel_drops_one_argument_and_frees_it(self, timer: DeadlineTimer) -> None:
+        """cancel(entry, arg) takes that call out; the entry's other calls still run."""
+        ran: list[object] = []
+        done = threading.Event()
+        payload = Payload()
+        gone = weakref.ref(payload)
+
+        def record(p: object) -> None:
+            ran.append(p)
+            if p == "kept-2":
+                done.set()
+
+        slot = (time.monotonic() + 0.2) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+        entry = timer.call_batched(slot, record, "kept-1")
+        assert timer.call_batched(slot, record, payload) is entry
+        assert timer.call_batched(slot, record, "kept-2") is entry
+        timer.cancel(entry, payload)
+        timer.cancel(entry, payload)  # twice: a no-op
+        del payload
+        gc.collect()
+        assert gone() is None  # freed before the deadline came
+        assert done.wait(WAIT)
+        assert ["kept-1", "kept-2"] == ran
+
+    def test_a_failing_call_does_not_stop_the_others(self, timer: DeadlineTimer) -> None:
+        """One call that raises is logged; the rest of its entry still runs."""
+        ran: list[int] = []
+        done = threading.Event()
+
+        def call(n: int) -> None:
+            if n == 1:
+                raise RuntimeError("boom")
+            ran.append(n)
+            if n == 2:
+                done.set()
+
+        slot = (time.monotonic() + 0.2) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+        for n in range(3):
+            timer.call_batched(slot, call, n)
+        assert done.wait(WAIT)
+        assert [0, 2] == ran
+
+    def test_a_call_after_the_entry_ran_opens_a_new_one(self, timer: DeadlineTimer) -> None:
+        """Once a shared entry ran, a call for the same slot gets an entry of its own and runs."""
+        first = threading.Event()
+        second = threading.Event()
+
+        def set_it(event: threading.Event) -> None:
+            event.set()
+
+        deadline = time.monotonic()
+        entry = timer.call_batched(deadline, set_it, first)
+        assert first.wait(WAIT)
+        again = timer.call_batched(deadline, set_it, second)
+        assert again is not entry
+        assert second.wait(WAIT)
+        timer.cancel(entry, first)  # one that ran: a no-op
+
+    def test_stop_drops_the_open_entries(self) -> None:
+        """A stopped timer runs nothing more, and calls made after stop() are dropped."""
+        timer = DeadlineTimer(name="termsafe-test-timer")
+        timer.start()
+        timer.call_batched(time.monotonic() + 3600, print, 1)
+        timer.stop(WAIT)
+        assert ([], {}) == (timer._heap, timer._batches)
+        entry = timer.call_batched(time.monotonic(), print, 2)
+        assert None is entry[2]
+        assert [] == timer._heap
