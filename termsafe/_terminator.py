@@ -1175,9 +1175,13 @@ class Terminator:
             details["kill_latency_ms"] = round(latency * 1000, 3)
             rec = self._recorder
             rec.kill_finished(value, latency)
-            self._alert(
-                self._alerts.failed_kills(rec.kills_failed, rec.kills_succeeded + rec.kills_failed)
-            )
+            alerts = self._alerts
+            if value == "killed" or alerts.level("failed_kills") is not None:
+                # A kill that succeeded only lowers the failed rate: below the
+                # warning level (no alert raised) it cannot raise one.
+                self._alert(
+                    alerts.failed_kills(rec.kills_failed, rec.kills_succeeded + rec.kills_failed)
+                )
         if wf.hook_failures:
             details["hook_failures"] = len(wf.hook_failures)
         if final is S.COMPLETED and wf.last_checkpoint is not None and self.store is not None:

@@ -165,6 +165,32 @@ class TestTerminatorAlerts:
             assert snap.kill_latency_p50 is not None
             assert [] == _events(term, "alert")
 
+    def test_successful_kills_bring_the_failed_rate_back_down(self) -> None:
+        """After a failed kill, successful ones lower the rate: critical, warning, resolved."""
+        thresholds = AlertThresholds(failed_kills_warning=0.4, failed_kills_critical=0.6)
+        with ts.Terminator(
+            phases=ts.Phases(0.05, 0.05), sink=ts.MemorySink(), alert_thresholds=thresholds
+        ) as term:
+            release = threading.Event()
+            thread = _stuck_workflow(term, "stuck", release)
+            try:
+                assert ts.WorkflowState.KILLED == term.kill("stuck", by=ADMIN).wait(10)
+            finally:
+                release.set()
+            thread.join(10)
+            for wid in ("ok-1", "ok-2"):  # 1 of 2 failed (warning), then 1 of 3 (below it)
+                with term.workflow(wid):  # absorbs its own kill
+                    handle = term.kill(wid, by=ADMIN)
+                    ts.checkpoint()
+                assert ts.WorkflowState.TERMINATED == handle.wait(10)
+            term.flush()
+            severities = [
+                e.details["severity"]
+                for e in _events(term, "alert")
+                if e.details["rule"] == "failed_kills"
+            ]
+            assert ["critical", "warning", "resolved"] == severities
+
     def test_slow_cleanup_raises_a_warning(self) -> None:
         """A cleanup that takes longer than the threshold raises the cleanup_time warning."""
         thresholds = AlertThresholds(cleanup_warning_s=0.05)
