@@ -605,14 +605,17 @@ class Terminator:
         """``kill()`` after its type checks."""
         if self._closed:
             raise TerminatorClosed(f"cannot kill {workflow_id!r}: this terminator is closed")
-        decision = self.can_kill(workflow_id, by)
-        if not decision.allowed and decision is not perms.IN_SECTION:
-            self._refuse(workflow_id, by, reason, decision)
-        wf = self._live.get(workflow_id)
+        # can_kill's checks in its order, written out (one lookup, one
+        # permission check); a workflow in a section is not refused: deferred.
+        live = self._live.get(workflow_id)
+        wf = live if live is not None else self._finished.get(workflow_id)
         if wf is None:
-            # Finished between the check and now.
-            self._refuse(workflow_id, by, reason, perms.FINISHED)
+            self._refuse(workflow_id, by, reason, perms.NOT_FOUND)
         assert wf is not None
+        if not self._permitted(wf, by):
+            self._refuse(workflow_id, by, reason, perms.NO_PERMISSION)
+        if live is None or is_terminal(wf.state):
+            self._refuse(workflow_id, by, reason, perms.FINISHED)
         handle = self._start_kill(wf, by, reason, force)
         assert handle is not None  # a finished workflow was refused
         return handle

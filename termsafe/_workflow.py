@@ -652,9 +652,11 @@ class WorkflowContext:
                 swallowed = False
                 exc = inner
             if swallowed:
-                exc = Terminated(wf.id, wf.kill_reason)
-            outcome, absorb = self._outcome(wf, exc)
-            absorb = absorb or swallowed
+                # The scope swallowed this workflow's own cancellation: its
+                # kill landed (what _outcome would say of a Terminated).
+                outcome, absorb = S.TERMINATED, True
+            else:
+                outcome, absorb = self._outcome(wf, exc)
             wf.outcome = outcome
             try:
                 if wf.pending_hooks:
