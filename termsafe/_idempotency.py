@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar, cast, overload
 
@@ -212,6 +213,18 @@ def request_fingerprint(request: Any, key: str | None = None) -> str:
             _fingerprints.clear()
         _fingerprints[text] = fingerprint
     return fingerprint
+
+
+# The commit step of a claim's writes outside a workflow: nothing to enter.
+_NO_STEP: Final[AbstractContextManager[None]] = nullcontext()
+
+
+def _emit_outside(type_: str, details: dict[str, Any]) -> None:
+    """An audit event of a call outside a workflow, on the process's terminator.
+
+    ``details`` starts with ``"operation"``, and is handed over, not copied.
+    """
+    get_terminator()._pipe.emit(type_, None, None, None, None, details)
 
 
 def _as_json(value: Any, what: str) -> Any:
@@ -564,9 +577,13 @@ class IdempotentCall:
         return wf
 
     def _new_scope(self) -> OperationScope:
-        """The operation's scope (hooks, events), made once a claim needs it.
+        """The operation's scope (hooks, events), made once something needs it.
 
-        A replay needs none: it registers nothing and writes no event.
+        In a workflow a claim makes it at once (its rollback hook). Outside a
+        workflow there is no hook to register, no kill to defer and no commit
+        to shield, so a call goes without one (its events go straight to the
+        process's terminator), unless it registers a compensation, whose
+        events the scope carries. A replay needs none either.
         """
         scope = self._scope
         if scope is None:
@@ -588,10 +605,22 @@ class IdempotentCall:
             sent=not self.explicit_send,
         )
 
+    def _emit(self, type_: str, details: dict[str, Any]) -> None:
+        """An audit event of this call (``details`` without the operation's name)."""
+        if self._scope is None and self._workflow is None:
+            _emit_outside(type_, {"operation": f"idempotent_call {self.key}", **details})
+        else:
+            self._new_scope().emit(type_, details)
+
+    def _committing(self) -> AbstractContextManager[None]:
+        """The commit step of a write of the claim (a no-op outside a workflow)."""
+        scope = self._scope
+        return _NO_STEP if scope is None else scope.committing()
+
     def _refused(self, exc: BaseException) -> None:
         self._exited = True
         if isinstance(exc, TermsafeError):
-            self._new_scope().emit(
+            self._emit(
                 "idempotent_refused",
                 {"key": self.key, "error": type(exc).__name__, "message": str(exc)},
             )
@@ -604,18 +633,17 @@ class IdempotentCall:
             # No audit event: a replay changes nothing, and it must stay cheap.
             self._state = _REPLAYED
             return
-        scope = self._new_scope()
-        store = scope.store
+        store = self._store
         assert store is not None
         self.retried = claim.retried
         self.sent = not self.explicit_send
         self._state = _CLAIMED
-        wf = scope.workflow
+        wf = self._workflow
         if wf is not None:
             # If the workflow is killed and its thread never comes back, the
             # terminator runs this hook: the key is released for what it is.
             # (Outside a workflow the block itself settles the claim.)
-            scope.on_rollback(self._abandon)
+            self._new_scope().on_rollback(self._abandon)
             term = wf.terminator
         else:
             term = get_terminator()
@@ -625,7 +653,7 @@ class IdempotentCall:
         if claim.retried:
             # A takeover is news; a first claim is told by how it ends
             # (recorded, released or lease lost): one event per claim.
-            scope.emit("idempotent_claimed", {"key": self.key, "epoch": claim.epoch})
+            self._emit("idempotent_claimed", {"key": self.key, "epoch": claim.epoch})
 
     def __enter__(self) -> IdempotentCall:
         if self._begin() is not None:
@@ -691,19 +719,17 @@ class IdempotentCall:
 
     # -- body -------------------------------------------------------------------------
 
-    def _check(self, action: str) -> OperationScope:
-        """The scope, if this call holds its claim; else the error that fits."""
-        scope = self._scope
+    def _check(self, action: str) -> None:
+        """Nothing, if this call holds its claim; else the error that fits."""
         if self._state in (_REPLAYED, _RECORDED):
             raise AlreadyRecorded(self.key, action)
         if self._state in (_RELEASED, _LOST):
             raise LeaseLost(self.key, self.epoch, None)
-        if scope is None or self._exited or self._state != _CLAIMED:
+        if self._exited or self._state != _CLAIMED:
             raise ConfigurationError(
                 f"call.{action}() of idempotent call {self.key or self._key_spec!r} "
                 "works only inside its `with idempotent_call(...)` block"
             )
-        return scope
 
     def mark_sent(self) -> None:
         """Mark, durably, the point of no return: the side effect starts now.
@@ -720,26 +746,27 @@ class IdempotentCall:
             ConfigurationError: called outside the call's ``with`` block.
             Terminated: a kill is pending in the workflow (nothing was sent).
         """
-        scope = self._check("mark_sent")
+        self._check("mark_sent")
         if self.sent:
             return
-        wf = scope.workflow
+        wf = self._workflow
         if wf is not None:
             kill = wf.kill
             if kill is not None or wf.abandoned:
                 forced = wf.abandoned or (kill is not None and kill.phase != "graceful")
                 raise (ForcedTermination if forced else Terminated)(wf.id, wf.kill_reason)
         with self._lock:
-            scope = self._check("mark_sent")
-            assert scope.store is not None
+            self._check("mark_sent")
+            store = self._store
+            assert store is not None
             try:
-                with scope.committing():
-                    scope.store.idem_mark_sent(self.key, self.epoch)
+                with self._committing():
+                    store.idem_mark_sent(self.key, self.epoch)
             except LeaseLost:
                 self._lost()
                 raise
             self.sent = True
-        scope.emit("idempotent_sent", {"key": self.key, "epoch": self.epoch})
+        self._emit("idempotent_sent", {"key": self.key, "epoch": self.epoch})
 
     def sending(self) -> _Sending:
         """``with call.sending(): post(...)``: ``mark_sent()`` on entry, for readability.
@@ -775,11 +802,13 @@ class IdempotentCall:
         with self._lock:
             # Again under the lock: the terminator's rollback hook may have
             # released the claim meanwhile.
-            scope = self._check("record")
-            store = scope.store
+            if self._state != _CLAIMED or self._exited:
+                self._check("record")
+            store = self._store
             assert store is not None
+            scope = self._scope
             try:
-                if scope.workflow is None:
+                if scope is None:
                     store.idem_record(self.key, self.epoch, result, encoded=text)
                 else:
                     with scope.committing():
@@ -793,15 +822,16 @@ class IdempotentCall:
             renewal, self._renewal = self._renewal, None
             if renewal is not None:
                 renewal.stop()
-        scope.emit_built(
-            "idempotent_recorded",
-            {
-                "operation": scope.name,
-                "key": self.key,
-                "epoch": self.epoch,
-                "retried": self.retried,
-            },
-        )
+        details = {
+            "operation": f"idempotent_call {self.key}",
+            "key": self.key,
+            "epoch": self.epoch,
+            "retried": self.retried,
+        }
+        if scope is None:
+            _emit_outside("idempotent_recorded", details)
+        else:
+            scope.emit_built("idempotent_recorded", details)
 
     def release(self) -> None:
         """Declare that the side effect did not happen: the key becomes retryable.
@@ -882,12 +912,12 @@ class IdempotentCall:
         with self._lock:
             if self._state != _RECORDED:
                 self._check("compensate")
-            scope = self._scope
-            if scope is None or self._exited:
+            if self._exited:
                 raise ConfigurationError(
                     f"call.compensate() of idempotent call {self.key!r} works only inside "
                     "its `with idempotent_call(...)` block"
                 )
+            scope = self._new_scope()
             store = scope.store
             assert store is not None
             try:
@@ -983,9 +1013,7 @@ class IdempotentCall:
         """Fenced out (lock held): nothing of this run may be recorded any more."""
         self._state = _LOST
         self._stop_renewal()
-        scope = self._scope
-        if scope is not None:
-            scope.emit("idempotent_lease_lost", {"key": self.key, "epoch": self.epoch})
+        self._emit("idempotent_lease_lost", {"key": self.key, "epoch": self.epoch})
 
     def _stop_renewal(self) -> None:
         renewal, self._renewal = self._renewal, None
@@ -997,9 +1025,8 @@ class IdempotentCall:
 
         Also the rollback hook the terminator runs for a thread that never came back.
         """
-        scope = self._scope
-        assert scope is not None
-        assert scope.store is not None
+        store = self._store
+        assert store is not None
         with self._lock:
             if self._state != _CLAIMED:
                 return
@@ -1008,13 +1035,13 @@ class IdempotentCall:
                 unknown = self.sent and self._in_body
             self._stop_renewal()
             try:
-                with scope.committing():
-                    scope.store.idem_release(self.key, self.epoch, unknown=unknown)
+                with self._committing():
+                    store.idem_release(self.key, self.epoch, unknown=unknown)
             except LeaseLost:
                 self._lost()
                 return
             self._state = _RELEASED
-        scope.emit(
+        self._emit(
             "idempotent_released",
             {
                 "key": self.key,
@@ -1024,7 +1051,7 @@ class IdempotentCall:
         )
 
     def _discard_pending(self) -> None:
-        store = self._scope.store if self._scope is not None else None
+        store = self._store
         if store is None:
             return
         for comp in self._comps:
@@ -1034,8 +1061,6 @@ class IdempotentCall:
         """Settle the claim at the end of the block (record, or release)."""
         if self._state == _REPLAYED:
             return
-        scope = self._scope
-        assert scope is not None
         failed = exc is not None
         try:
             if self._state == _CLAIMED:
@@ -1051,9 +1076,11 @@ class IdempotentCall:
             raise
         finally:
             self._stop_renewal()
-            # The claim is settled (or lost): the release hook is not needed.
-            scope.succeeded()
-            if scope.workflow is None and self._comps:
+            scope = self._scope
+            if scope is not None:
+                # The claim is settled (or lost): the release hook is not needed.
+                scope.succeeded()
+            if self._workflow is None and self._comps:
                 if failed:
                     self._compensate_now()
                 else:
@@ -1098,8 +1125,7 @@ class IdempotentCall:
         ):
             # Outside a workflow, a replay or a recorded run without
             # compensations has nothing left to settle: the record stopped the
-            # renewal, and the scope holds no hooks (they are registered only
-            # in a workflow) and no journal entries.
+            # renewal, and there is no scope (see _new_scope).
             self._exited = True
             return
         try:

@@ -962,7 +962,7 @@ class TestFirstRunFastPath:
     def test_recorded_exit_outside_a_workflow_settles_everything(
         self, make_term: TermFactory, store: SQLiteStore
     ) -> None:
-        """Outside a workflow a recorded run leaves no lease and no hook, and emits one event."""
+        """Outside a workflow a recorded run keeps no scope, leaves no lease, emits one event."""
         sink = termsafe.MemorySink()
         term = make_term(sink=sink)
         old = _set_default_terminator(term)
@@ -976,8 +976,7 @@ class TestFirstRunFastPath:
             _set_default_terminator(old)
         assert 1 == len(held)
         assert set() == left
-        assert call._scope is not None
-        assert ([], []) == (call._scope._hooks, call._scope._local_rollbacks)
+        assert call._scope is None
         [recorded] = [e for e in Audit(term, sink).events() if e.type.startswith("idem")]
         expected = {"operation": "idempotent_call fast-exit", "key": "fast-exit", "epoch": 1}
         assert ("idempotent_recorded", {**expected, "retried": False}) == (
@@ -985,6 +984,72 @@ class TestFirstRunFastPath:
             dict(recorded.details),
         )
         assert ("done", {"n": 1}) == (store.idem_status("fast-exit"), call.result)
+
+    def test_every_step_audited_outside_a_workflow(
+        self, make_term: TermFactory, store: SQLiteStore
+    ) -> None:
+        """Without a workflow (and so without a scope) each step is audited, named by its call."""
+        sink = termsafe.MemorySink()
+        term = make_term(sink=sink)
+        undone: list[str] = []
+        old = _set_default_terminator(term)
+        try:
+            with pytest.raises(RuntimeError), idempotent_call("ev-1", request=REQUEST, store=store):
+                raise RuntimeError("timeout")
+            with (
+                pytest.raises(OutcomeUnknown),
+                idempotent_call("ev-1", request=REQUEST, store=store),
+            ):
+                pytest.fail("the body of a refused call ran")
+
+            def sent_then_failed() -> None:
+                with idempotent_call("ev-2", request=REQUEST, explicit_send=True, store=store) as c:
+                    c.mark_sent()
+                    c.compensate(undone.append, "ch_2", name="refund")
+                    raise RuntimeError("failed after sending")
+
+            def taken_over() -> None:
+                with idempotent_call("ev-4", request=REQUEST, store=store) as c:
+                    # Another run took the key over meanwhile.
+                    store._conn().execute("UPDATE idempotency SET epoch = 2 WHERE key = 'ev-4'")
+                    c.record("late")
+
+            with pytest.raises(RuntimeError, match="after sending"):
+                sent_then_failed()
+            with idempotent_call("ev-3", request=REQUEST, store=store) as call:
+                call.release()
+            with idempotent_call("ev-3", request=REQUEST, store=store) as call:
+                call.record("ok")
+            with pytest.raises(LeaseLost):
+                taken_over()
+        finally:
+            _set_default_terminator(old)
+        events = [
+            e for e in Audit(term, sink).events() if e.details.get("key", "").startswith("ev")
+        ]
+        expected: list[tuple[str, str, dict[str, Any]]] = [
+            ("idempotent_released", "ev-1", {"epoch": 1, "outcome": "unknown"}),
+            ("idempotent_refused", "ev-1", {"error": "OutcomeUnknown"}),
+            ("idempotent_sent", "ev-2", {"epoch": 1}),
+            ("idempotent_released", "ev-2", {"epoch": 1, "outcome": "unknown"}),
+            ("compensation_ran", "ev-2", {"compensation": "refund"}),
+            ("idempotent_released", "ev-3", {"epoch": 1, "outcome": "retryable"}),
+            ("idempotent_claimed", "ev-3", {"epoch": 2}),
+            ("idempotent_recorded", "ev-3", {"epoch": 2, "retried": True}),
+            ("idempotent_lease_lost", "ev-4", {"epoch": 1}),
+        ]
+        assert len(expected) == len(events), [e.type for e in events]
+        assert expected == [
+            (e.type, e.details["key"], {k: e.details[k] for k in want})
+            for e, (_, _, want) in zip(events, expected, strict=True)
+        ]
+        for event in events:
+            assert (None, f"idempotent_call {event.details['key']}") == (
+                event.workflow_id,
+                event.details["operation"],
+            )
+            assert "operation" == next(iter(event.details))
+        assert ["ch_2"] == undone
 
 
 class TestStoreClaim:
