@@ -246,60 +246,24 @@ def _not_json_result(value: Any, key: str, exc: BaseException) -> InvalidArgumen
 # -- lease renewal -------------------------------------------------------------------
 
 
-class _Lease:
-    """One claim kept alive by its keeper, every ``seconds / 3``, until ``stop()``."""
-
-    __slots__ = ("active", "due", "epoch", "keeper", "key", "lost", "seconds", "store")
-
-    def __init__(
-        self, store: Store, key: str, epoch: int, seconds: float, keeper: _LeaseKeeper
-    ) -> None:
-        self.store = store
-        self.key = key
-        self.epoch = epoch
-        self.seconds = seconds
-        self.keeper = keeper
-        self.active = True
-        self.due = math.inf
-        self.lost: LeaseLost | None = None
-
-    def schedule(self, delay: float) -> None:
-        self.keeper.arm(self, delay)
-
-    def stop(self) -> None:
-        self.active = False
-        self.keeper.discard(self)
-
-    def _renew(self) -> None:
-        # In a short-lived thread of its own: a durable write that may wait for
-        # the database lock never holds the timer up.
-        if not self.active:
-            return
-        try:
-            self.store.idem_renew(self.key, self.epoch, self.seconds)
-        except LeaseLost as exc:
-            # Recorded, released or taken over meanwhile: nothing left to renew.
-            self.lost = exc
-            self.active = False
-            return
-        except Exception:
-            log.exception("termsafe: renewing the lease on %r failed; retrying", self.key)
-            self.schedule(min(1.0, self.seconds / 10))
-            return
-        if self.active:
-            self.schedule(self.seconds / 3)
-
-
 class _LeaseKeeper:
-    """The leases in flight on one timer, under one armed deadline.
+    """The claims in flight on one timer, under one armed deadline.
 
     A claim joins the set with its due time (``arm``) and leaves it when it
     settles (``discard``); the timer holds one deadline, the earliest due time
-    armed since the keeper last woke, instead of one entry per call (the
-    timer cannot cancel entries: a busy process would pile up one dead entry
-    per call for a third of a lease). On waking, in the timer thread, it takes
-    the leases that are due out of the set, arms the next deadline and hands
-    each renewal to a thread; a renewal arms its lease again.
+    armed since the keeper last woke, instead of one entry per call (each a
+    push under the timer's lock, and a cancel). On waking, in the timer
+    thread, it takes the claims that are due out of the set, arms the next
+    deadline and hands each renewal to a thread; a renewal arms its claim
+    again.
+
+    Joining and leaving take no lock (``set.add`` and ``set.discard`` are
+    atomic, and the wake works on a copy of the set): a claim that settles
+    within a third of its lease, the common case, only adds itself and takes
+    itself out. Only a claim due before the armed deadline takes the lock, to
+    arm an earlier one; while a wake sorts the set out, ``_wake_at`` is
+    ``inf`` (as when nothing is armed) so that any claim joining meanwhile
+    takes the lock too, and sees the deadline the wake arms next.
     """
 
     __slots__ = ("__weakref__", "_leases", "_lock", "_timer", "_token", "_wake_at")
@@ -309,25 +273,31 @@ class _LeaseKeeper:
         self._reset()
 
     def _reset(self) -> None:
-        self._leases: set[_Lease] = set()
+        self._leases: set[IdempotentCall] = set()
         self._lock = threading.Lock()
         self._wake_at = math.inf  # the deadline armed on the timer, if any
         self._token = 0  # names that deadline; earlier ones were superseded
 
-    def arm(self, lease: _Lease, delay: float) -> None:
-        due = lease.due = time.monotonic() + delay
+    def arm(self, call: IdempotentCall, delay: float) -> None:
+        """Renew ``call``'s claim in ``delay`` seconds (unless it leaves first)."""
+        due = call._due = time.monotonic() + delay
+        self._leases.add(call)
+        if due >= self._wake_at:
+            # A deadline at or before ``due`` is armed, and its wake finds the
+            # claim in the set: the claim joined before that wake copies the
+            # set (which it does after setting ``_wake_at`` to inf), or after
+            # an earlier wake had armed that deadline.
+            return
         with self._lock:
-            self._leases.add(lease)
             if due >= self._wake_at:
-                return  # an earlier deadline is armed: it will see this lease
+                return  # a wake meanwhile armed one early enough
             self._wake_at = due
             self._token += 1
             token = self._token
         self._schedule(due, token)
 
-    def discard(self, lease: _Lease) -> None:
-        with self._lock:
-            self._leases.discard(lease)
+    def discard(self, call: IdempotentCall) -> None:
+        self._leases.discard(call)
 
     def _schedule(self, due: float, token: int) -> None:
         timer = self._timer()
@@ -340,18 +310,20 @@ class _LeaseKeeper:
         with self._lock:
             if token != self._token:
                 return  # superseded by an earlier deadline, which did this work
-            due = [lease for lease in self._leases if lease.due <= now]
+            self._wake_at = math.inf  # claims joining now take the lock (see arm)
+            leases = self._leases.copy()
+            due = [call for call in leases if call._due <= now]
+            following = min((call._due for call in leases if call._due > now), default=math.inf)
             self._leases.difference_update(due)
-            following = min((lease.due for lease in self._leases), default=math.inf)
             self._wake_at = following
             self._token += 1
             token = self._token
         if following < math.inf:
             self._schedule(following, token)
-        for lease in due:
-            if lease.active:
+        for call in due:
+            if call._renewing:
                 threading.Thread(
-                    target=lease._renew, name="termsafe-idempotency-lease", daemon=True
+                    target=call._renew, name="termsafe-idempotency-lease", daemon=True
                 ).start()
 
 
@@ -460,12 +432,14 @@ class IdempotentCall:
     __slots__ = (
         "_comps",
         "_discarding",
+        "_due",
         "_entered",
         "_exited",
         "_in_body",
+        "_keeper",
         "_key_spec",
         "_lock",
-        "_renewal",
+        "_renewing",
         "_request_spec",
         "_result",
         "_result_text",
@@ -487,6 +461,11 @@ class IdempotentCall:
         "retried",
         "sent",
     )
+
+    # Set once claimed (until then never read): the keeper that renews the
+    # claim, and when it is due.
+    _keeper: _LeaseKeeper
+    _due: float
 
     def __init__(
         self,
@@ -525,7 +504,7 @@ class IdempotentCall:
         self._scope: OperationScope | None = None
         self._section: CriticalSection | None = None
         self._workflow: Workflow | None = None  # as _begin found it
-        self._renewal: _Lease | None = None
+        self._renewing = False  # armed on a keeper (self._keeper), renewed when due
         self._comps: list[_Compensator] = []
         self._discarding = False
 
@@ -647,9 +626,9 @@ class IdempotentCall:
             term = wf.terminator
         else:
             term = get_terminator()
-        keeper = _keeper_for(term._timer)
-        renewal = self._renewal = _Lease(store, self.key, claim.epoch, self.lease, keeper)
-        keeper.arm(renewal, self.lease / 3)
+        keeper = self._keeper = _keeper_for(term._timer)
+        self._renewing = True
+        keeper.arm(self, self.lease / 3)
         if claim.retried:
             # A takeover is news; a first claim is told by how it ends
             # (recorded, released or lease lost): one event per claim.
@@ -819,9 +798,9 @@ class IdempotentCall:
             self._state = _RECORDED
             self._result, self._result_text = _UNDECODED, text
             self.sent = True
-            renewal, self._renewal = self._renewal, None
-            if renewal is not None:
-                renewal.stop()
+            if self._renewing:
+                self._renewing = False
+                self._keeper.discard(self)
         details = {
             "operation": f"idempotent_call {self.key}",
             "key": self.key,
@@ -1016,9 +995,34 @@ class IdempotentCall:
         self._emit("idempotent_lease_lost", {"key": self.key, "epoch": self.epoch})
 
     def _stop_renewal(self) -> None:
-        renewal, self._renewal = self._renewal, None
-        if renewal is not None:
-            renewal.stop()
+        if self._renewing:
+            self._renewing = False
+            self._keeper.discard(self)
+
+    def _renew(self) -> None:
+        """Extend the lease; its keeper runs this in a short-lived thread of its own.
+
+        A durable write that may wait for the database lock never holds the
+        timer up. Every third of the lease until the claim settles.
+        """
+        if not self._renewing:
+            return
+        store = self._store
+        assert store is not None
+        try:
+            store.idem_renew(self.key, self.epoch, self.lease)
+        except LeaseLost:
+            # Recorded, released or taken over meanwhile: nothing left to
+            # renew (the body finds out when it next writes the claim).
+            self._renewing = False
+            return
+        except Exception:
+            log.exception("termsafe: renewing the lease on %r failed; retrying", self.key)
+            if self._renewing:
+                self._keeper.arm(self, min(1.0, self.lease / 10))
+            return
+        if self._renewing:
+            self._keeper.arm(self, self.lease / 3)
 
     def _abandon(self, unknown: bool | None = None) -> None:
         """Give the claim up: ``unknown`` if the side effect may have started, else retryable.

@@ -12,9 +12,11 @@ server's counts and SQLite's own ``PRAGMA integrity_check`` judge.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import http.client
 import json
+import math
 import os
 import pickle
 import random
@@ -35,7 +37,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import ADMIN, WAIT, Audit, Jobs, TermFactory
+from conftest import ADMIN, WAIT, Audit, Job, Jobs, TermFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,7 +60,7 @@ from termsafe import (
     resolve_outcome,
     run_pending_compensations,
 )
-from termsafe._idempotency import _keeper_for, request_fingerprint
+from termsafe._idempotency import _keeper_for, _LeaseKeeper, request_fingerprint
 from termsafe._store import APPLICATION_ID, MIGRATIONS, Claim, SQLiteStore
 from termsafe._terminator import _set_default_terminator, get_terminator
 
@@ -1717,6 +1719,20 @@ class TestStoreSchema:
             store.close()
 
 
+class _Claimed:
+    """What a lease keeper needs of a claim: its due time, whether it renews, the renewal."""
+
+    def __init__(self) -> None:
+        self._due = 0.0
+        self._renewing = True
+        self.renewed_at = math.inf
+        self.renewed = threading.Event()
+
+    def _renew(self) -> None:
+        self.renewed_at = time.monotonic()
+        self.renewed.set()
+
+
 class TestLeaseKeeper:
     def test_one_timer_deadline_for_many_calls(
         self, make_term: TermFactory, store: SQLiteStore
@@ -1751,6 +1767,97 @@ class TestLeaseKeeper:
             assert ("done", "done") == (store.idem_status("lk-short"), store.idem_status("lk-long"))
         finally:
             store.close()
+
+    def test_lease_renewed_outside_a_workflow(
+        self, make_term: TermFactory, tmp_path: Path, jobs: Jobs
+    ) -> None:
+        """Outside a workflow too, a body longer than its lease keeps the key until it records."""
+        store = CountingStore(tmp_path / "outside.sqlite3")
+        old = _set_default_terminator(make_term())
+        try:
+            with idempotent_call("lk-outside", request=REQUEST, lease=0.3, store=store) as call:
+                claimed = time.time()
+                with store.renewed:
+                    assert store.renewed.wait_for(lambda: store.renewals >= 4, WAIT)
+                assert time.time() - claimed > 0.3
+                info = store.idem_info("lk-outside")
+                assert info is not None
+                assert info.lease_expires > claimed + 0.3  # renewed, not the first lease
+
+                def rival() -> None:
+                    with idempotent_call("lk-outside", request=REQUEST, store=store):
+                        pytest.fail("the rival's body ran")
+
+                assert isinstance(jobs.start(rival).error(), IdempotencyConflict)
+                call.record("done")
+            assert "done" == store.idem_status("lk-outside")
+            assert call not in _keeper_for(get_terminator()._timer)._leases
+        finally:
+            _set_default_terminator(old)
+            store.close()
+
+    def test_claims_joining_from_many_threads_are_each_renewed(
+        self, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """Claims armed from many threads while the keeper wakes are each renewed once due."""
+        term = make_term()
+        keeper = _LeaseKeeper(term._timer)
+        kept: list[_Claimed] = []
+        settled: list[_Claimed] = []
+
+        def claims(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(300):
+                claim = _Claimed()
+                keeper.arm(claim, rng.uniform(0.0, 0.02))  # type: ignore[arg-type]
+                if rng.random() < 0.5:
+                    claim._renewing = False
+                    keeper.discard(claim)  # type: ignore[arg-type]
+                    settled.append(claim)
+                else:
+                    kept.append(claim)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads switch between any two steps of arm()
+        try:
+            workers = [jobs.start(functools.partial(claims, seed)) for seed in range(6)]
+            for worker in workers:
+                worker.result()
+        finally:
+            sys.setswitchinterval(interval)
+        assert 1800 == len(kept) + len(settled)
+        deadline = time.monotonic() + WAIT
+        for claim in kept:
+            assert claim.renewed.wait(max(0.0, deadline - time.monotonic())), (
+                "a claim never renewed"
+            )
+            assert claim.renewed_at >= claim._due  # never before it was due
+        assert not keeper._leases  # the renewed left the set, the settled took themselves out
+
+    def test_claim_joining_while_the_keeper_wakes_is_renewed(
+        self, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A claim armed while a wake sorts the set out (after its copy) is not missed."""
+        term = make_term()
+        keeper = _LeaseKeeper(term._timer)
+        first, late = _Claimed(), _Claimed()
+        joined: list[Job[None]] = []
+
+        class Interleaved(set):  # type: ignore[type-arg]
+            def copy(self) -> set[Any]:
+                snapshot = set(self)
+                if not joined:
+                    # The late claim arms from another thread right after the
+                    # wake copied the set; it runs as far as it can meanwhile.
+                    joined.append(jobs.start(lambda: keeper.arm(late, 0.0)))  # type: ignore[arg-type]
+                    joined[0].thread.join(0.5)
+                return snapshot
+
+        keeper._leases = Interleaved()
+        keeper.arm(first, 0.0)  # type: ignore[arg-type]
+        assert first.renewed.wait(WAIT)
+        assert late.renewed.wait(WAIT), "the claim that joined during the wake was never renewed"
+        joined[0].result()
 
 
 class TestPrune:
