@@ -431,7 +431,6 @@ class IdempotentCall:
 
     __slots__ = (
         "_comps",
-        "_discarding",
         "_due",
         "_entered",
         "_exited",
@@ -463,9 +462,11 @@ class IdempotentCall:
     )
 
     # Set once claimed (until then never read): the keeper that renews the
-    # claim, and when it is due.
+    # claim, and when it is due. Set with ``_result = _UNDECODED``: the
+    # recorded JSON, decoded on first read.
     _keeper: _LeaseKeeper
     _due: float
+    _result_text: str
 
     def __init__(
         self,
@@ -489,11 +490,10 @@ class IdempotentCall:
         self.lease = lease
         self.grace = grace
         self._store_arg = store
-        self._store: Store | None = None
+        self._store: Store | None = store  # _begin resolves the default
         self.replayed = False
         self.retried = False
         self._result: Any = None
-        self._result_text = ""  # set with _result = _UNDECODED: decoded on first read
         self.epoch = 0
         self.sent = False
         self._state = _NEW
@@ -505,8 +505,8 @@ class IdempotentCall:
         self._section: CriticalSection | None = None
         self._workflow: Workflow | None = None  # as _begin found it
         self._renewing = False  # armed on a keeper (self._keeper), renewed when due
-        self._comps: list[_Compensator] = []
-        self._discarding = False
+        # Compensations registered (a list once there is one).
+        self._comps: list[_Compensator] | tuple[()] = ()
 
     @property
     def result(self) -> Any:
@@ -545,14 +545,12 @@ class IdempotentCall:
         if not self.fingerprint:
             self.fingerprint = request_fingerprint(self._request_spec, self.key)
         self._entered = True
-        wf = current_workflow()
-        store = self._store_arg
-        if store is None:
+        wf = self._workflow = current_workflow()
+        if self._store_arg is None:
             store = resolve_store(None, wf)
-        if store is None:
-            raise ConfigurationError(f"idempotent call {self.key!r} needs a store (got None)")
-        self._store = store
-        self._workflow = wf
+            if store is None:
+                raise ConfigurationError(f"idempotent call {self.key!r} needs a store (got None)")
+            self._store = store
         return wf
 
     def _new_scope(self) -> OperationScope:
@@ -635,7 +633,8 @@ class IdempotentCall:
             self._emit("idempotent_claimed", {"key": self.key, "epoch": claim.epoch})
 
     def __enter__(self) -> IdempotentCall:
-        if self._begin() is not None:
+        wf = self._begin()
+        if wf is not None:
             section = critical_section("api", self.grace)
             section.__enter__()
             self._section = section
@@ -654,7 +653,17 @@ class IdempotentCall:
             self._leave(exc)
             raise
         try:
-            self._claimed(claim)
+            if wf is None and not claim.replay and not claim.retried:
+                # _claimed(claim) for a first claim outside a workflow (the
+                # common case), written out: no hook, no event, the lease.
+                self.epoch = claim.epoch
+                self.sent = not self.explicit_send
+                self._state = _CLAIMED
+                keeper = self._keeper = _keeper_for(get_terminator()._timer)
+                self._renewing = True
+                keeper.arm(self, self.lease / 3)
+            else:
+                self._claimed(claim)
         except BaseException as exc:
             self._claim_unused()
             self._leave(exc)
@@ -778,6 +787,7 @@ class IdempotentCall:
             text = _encode_result(result)
         except (TypeError, ValueError, RecursionError) as exc:
             raise _not_json_result(result, self.key, exc) from None
+        key = self.key
         with self._lock:
             # Again under the lock: the terminator's rollback hook may have
             # released the claim meanwhile.
@@ -788,27 +798,28 @@ class IdempotentCall:
             scope = self._scope
             try:
                 if scope is None:
-                    store.idem_record(self.key, self.epoch, result, encoded=text)
+                    store.idem_record(key, self.epoch, result, encoded=text)
                 else:
                     with scope.committing():
-                        store.idem_record(self.key, self.epoch, result, encoded=text)
+                        store.idem_record(key, self.epoch, result, encoded=text)
             except LeaseLost:
                 self._lost()
                 raise
             self._state = _RECORDED
-            self._result, self._result_text = _UNDECODED, text
+            self._result = _UNDECODED
+            self._result_text = text
             self.sent = True
             if self._renewing:
                 self._renewing = False
                 self._keeper.discard(self)
         details = {
-            "operation": f"idempotent_call {self.key}",
-            "key": self.key,
+            "operation": f"idempotent_call {key}",
+            "key": key,
             "epoch": self.epoch,
             "retried": self.retried,
         }
         if scope is None:
-            _emit_outside("idempotent_recorded", details)
+            get_terminator()._pipe.emit("idempotent_recorded", None, None, None, None, details)
         else:
             scope.emit_built("idempotent_recorded", details)
 
@@ -906,15 +917,17 @@ class IdempotentCall:
                 self._lost()
                 raise
             comp = _Compensator(scope, store, self.key, comp_id, cname, fn, payload)
-            self._comps.append(comp)
+            comps = self._comps
+            if not comps:
+                comps = self._comps = []
+            comps.append(comp)
             wf = scope.workflow
-            if wf is not None and not self._discarding:
+            if wf is not None and len(comps) == 1:
                 # Below every compensation (pushed before any of them, under
                 # the lock): when the workflow succeeds the rollback hooks are
                 # dropped and this forgets them durably. (A workflow the
                 # terminator took over never succeeds.)
                 wf.push_hook_if_open(self._discard_pending, "cleanup")
-                self._discarding = True
         if wf is not None:
             # Outside the lock: in a workflow the terminator took over, the
             # compensation may run right here, and the call's own rollback,
