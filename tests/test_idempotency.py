@@ -1775,14 +1775,14 @@ class TestLeaseKeeper:
         store = CountingStore(tmp_path / "outside.sqlite3")
         old = _set_default_terminator(make_term())
         try:
-            with idempotent_call("lk-outside", request=REQUEST, lease=0.3, store=store) as call:
+            with idempotent_call("lk-outside", request=REQUEST, lease=0.6, store=store) as call:
                 claimed = time.time()
                 with store.renewed:
                     assert store.renewed.wait_for(lambda: store.renewals >= 4, WAIT)
-                assert time.time() - claimed > 0.3
+                assert time.time() - claimed > 0.6
                 info = store.idem_info("lk-outside")
                 assert info is not None
-                assert info.lease_expires > claimed + 0.3  # renewed, not the first lease
+                assert info.lease_expires > claimed + 0.6  # renewed, not the first lease
 
                 def rival() -> None:
                     with idempotent_call("lk-outside", request=REQUEST, store=store):
