@@ -113,16 +113,18 @@ class DeadlineTimer:
         """
         entry = [deadline, 0, fn, arg]
         with self._lock:
-            if self._stopped:
-                return entry
-            entry[1] = next(self._seq)
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._start_locked()
-            elif self._heap[0] is entry:
-                # Only an earlier deadline needs the thread to recompute its wait.
-                self._cond.notify()
+            if not self._stopped:
+                self._push_locked(entry)
         return entry
+
+    def _push_locked(self, entry: Entry) -> None:
+        entry[1] = next(self._seq)
+        heapq.heappush(self._heap, entry)
+        if self._thread is None:
+            self._start_locked()
+        elif self._heap[0] is entry:
+            # Only an earlier deadline needs the thread to recompute its wait.
+            self._cond.notify()
 
     def call_batched(self, deadline: float, fn: Callable[[Any], object], arg: Any) -> Entry:
         """Run ``fn(arg)`` in the timer thread at ``deadline``, or up to ``BATCH_SLOT`` after it.
@@ -147,13 +149,9 @@ class DeadlineTimer:
                 return entry
             batch = _Batch()
             batch[arg] = None
-            entry = [slot_end, next(self._seq), fn, batch]
+            entry = [slot_end, 0, fn, batch]
             self._batches[fn] = entry
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._start_locked()
-            elif self._heap[0] is entry:
-                self._cond.notify()
+            self._push_locked(entry)
         return entry
 
     def cancel(self, entry: Entry | None, arg: Any = _NO_ARG) -> None:
