@@ -9,12 +9,11 @@ own transaction, durable when ``execute`` returns. That is the least a durable
 claim-then-record can do (an explicit ``BEGIN IMMEDIATE ... COMMIT`` around
 each would only add round trips), on the same table and index as the store
 (the index on ``updated_at`` serves pruning) and with rows of the same size.
-``idempotent_call`` does the same two statements (after a first run the store
-tries the ``INSERT`` at once; it reads the key first only after a replay, or in
-a new store object, so that replays take no write lock), plus the request's
-fingerprint, its bookkeeping, the lease and an audit event. Each call has its
-own request, as in real use (a key stands for one request); the baseline gets
-the fingerprint for free.
+``idempotent_call`` does the same two statements, plus a read of the key
+before the claim (so that a replay never waits for the write lock), the
+request's fingerprint, its bookkeeping, the lease and an audit event. Each call
+has its own request, as in real use (a key stands for one request); the
+baseline gets the fingerprint for free.
 
 Replay: ``idempotent_call`` of a key that already has a result, against one
 raw read (one ``SELECT`` of the row by key on an open connection, and

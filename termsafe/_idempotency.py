@@ -19,11 +19,9 @@ one deadline per timer rides the terminator's timer for all the calls in
 flight, and each renewal runs in a short-lived thread, so a call costs no
 thread (and no timer entry) of its own.
 
-A first run costs two durable statements, the claim's ``INSERT`` and the
-record's ``UPDATE`` (first runs are the common case: the store tries the
-``INSERT`` at once after a first run); a replay costs one read and takes no
-write lock after a replay or in a new store object, as when a restarted job
-goes over the steps it did (``SQLiteStore.idem_claim``). Outside a workflow
+A first run costs a read that finds nothing and two durable statements, the
+claim's ``INSERT`` and the record's ``UPDATE``; a replay costs one read and
+never waits for the write lock (``SQLiteStore.idem_claim``). Outside a workflow
 a call keeps no ``OperationScope``: it registers no hook and defers no kill,
 and its events go to the process's terminator.
 """

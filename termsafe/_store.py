@@ -545,8 +545,6 @@ class SQLiteStore:
         self._done: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._done_lock = threading.Lock()
         self._done_gen = 0  # bumped by every prune
-        # idem_claim: read a key before trying to insert it (see there).
-        self._peek_first = True
         self._check_file()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._migrate()
@@ -841,22 +839,17 @@ class SQLiteStore:
         has an unknown outcome, which is reported, never guessed, unless
         ``retry_unknown`` (the external system deduplicates by key).
 
-        A first claim of a new key is one statement (an ``INSERT`` that does
-        nothing if the key exists), its own durable transaction. A replay costs
-        one read, and a key this store object has replayed before none at all:
-        a ``done`` record never changes (only pruning deletes it), so the last
-        ``DONE_CACHE_SIZE`` of them are kept in memory. Any other case is read
-        and decided under the write lock (``BEGIN IMMEDIATE``).
-
-        Which comes first, the ``INSERT`` or the read, follows the last claim
-        that reached the database: after a first run the next claim tries the
-        ``INSERT`` at once (first runs come in runs of new work, and the read
-        before it would find nothing), after a replay it reads first (replays
-        come in runs too, as a restarted job goes over the steps it did, and
-        a read takes no write lock). A new store object reads first. A guess
-        that misses costs one statement more: a read that finds nothing, or an
-        ``INSERT`` of an existing key, which takes the write lock for a moment
-        but writes nothing (no WAL frame, no fsync).
+        A replay costs one read and never the write lock, and a key this store
+        object has replayed before costs nothing: a ``done`` record never
+        changes (only pruning deletes it), so the last ``DONE_CACHE_SIZE`` of
+        them are kept in memory. A first claim of a new key is that read (it
+        finds nothing) and one statement (an ``INSERT`` that does nothing if
+        the key exists), its own durable transaction; any other case is read
+        and decided under the write lock (``BEGIN IMMEDIATE``). The read comes
+        first even though first runs are the common case: an ``INSERT`` tried
+        first would make a replay wait for the write lock behind any writer
+        (a prune, another process's claim), and fail with "database is
+        locked" after ``busy_timeout``, where the read replays at once.
 
         Args:
             key: The idempotency key (1 to 255 characters).
@@ -886,30 +879,19 @@ class SQLiteStore:
             return _new_claim(Claim, (key, True, json.loads(known[1]), known[2], False))
         generation = self._done_gen
         conn = self._conn()
-        if self._peek_first:
-            row = conn.execute(_SQL_IDEM_PEEK, (key,)).fetchone()
-            if row is not None:
-                if row[1] == "done":
-                    if row[0] != fingerprint:
-                        raise IdempotencyKeyReused(key)
-                    self._remember_done(key, row[0], row[2], row[3], generation)
-                    return _new_claim(Claim, (key, True, json.loads(row[2]), row[3], False))
-                return self._idem_claim_locked(key, fingerprint, lease_seconds, retry_unknown, sent)
-            self._peek_first = False
-        now = time.time()
-        cur = conn.execute(
-            _SQL_IDEM_INSERT,
-            (key, fingerprint, _identity_json(), now + lease_seconds, int(sent), now, now),
-        )
-        if cur.rowcount == 1:
-            return _new_claim(Claim, (key, False, None, 1, False))
-        # The key has a record: a replay is decided by one read, anything else
-        # (or a record pruned meanwhile) under the write lock.
         row = conn.execute(_SQL_IDEM_PEEK, (key,)).fetchone()
-        if row is not None and row[1] == "done":
+        if row is None:
+            now = time.time()
+            cur = conn.execute(
+                _SQL_IDEM_INSERT,
+                (key, fingerprint, _identity_json(), now + lease_seconds, int(sent), now, now),
+            )
+            if cur.rowcount == 1:
+                return _new_claim(Claim, (key, False, None, 1, False))
+            # Another process claimed the key since the read: decide under the lock.
+        elif row[1] == "done":
             if row[0] != fingerprint:
                 raise IdempotencyKeyReused(key)
-            self._peek_first = True
             self._remember_done(key, row[0], row[2], row[3], generation)
             return _new_claim(Claim, (key, True, json.loads(row[2]), row[3], False))
         return self._idem_claim_locked(key, fingerprint, lease_seconds, retry_unknown, sent)

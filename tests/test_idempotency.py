@@ -1094,8 +1094,8 @@ class TestStoreClaim:
         )
         assert Claim("sc-1", True, {"a": [1]}, 1, False) == read == remembered
 
-    def test_first_runs_insert_at_once_replays_read_first(self, store: SQLiteStore) -> None:
-        """After a first run the next claim is one INSERT; after a replay, a read comes first."""
+    def test_every_claim_reads_first(self, store: SQLiteStore) -> None:
+        """A claim reads the key, then (a new key) inserts it; a replay is the read alone."""
         statements: list[str] = []
         store._conn().set_trace_callback(lambda sql: statements.append(sql.split()[0].upper()))
 
@@ -1104,42 +1104,33 @@ class TestStoreClaim:
             got = store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
             return got.replay, list(statements)
 
-        def record(key: str) -> None:
-            store.idem_record(key, 1, key)
+        other = SQLiteStore(store.path)
+        other.idem_claim("done-1", "f" * 64, lease_seconds=60.0, retry_unknown=False)
+        other.idem_record("done-1", 1, "done-1")
+        other.close()
+        assert (False, ["SELECT", "INSERT"]) == claim("new-1")
+        store.idem_record("new-1", 1, "new-1")
+        assert (False, ["SELECT", "INSERT"]) == claim("new-2")
+        store.idem_record("new-2", 1, "new-2")
+        assert (True, ["SELECT"]) == claim("done-1")  # right after first runs, too
 
-        for key in ("done-1", "done-2"):
+    def test_replays_never_wait_for_the_write_lock(self, store: SQLiteStore) -> None:
+        """A replay (new store object, or just after a first run) goes on under a held lock."""
+        for key in ("r-1", "r-2"):
             other = SQLiteStore(store.path)
             other.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
             other.idem_record(key, 1, key)
             other.close()
-        assert (False, ["SELECT", "INSERT"]) == claim("new-1")  # a new store object reads first
-        record("new-1")
-        assert (False, ["INSERT"]) == claim("new-2")
-        record("new-2")
-        wal = Path(f"{store.path}-wal")
-        size = wal.stat().st_size
-        # An INSERT of an existing key writes nothing; the replay then reads.
-        assert (True, ["INSERT", "SELECT"]) == claim("done-1")
-        assert size == wal.stat().st_size
-        assert (True, ["SELECT"]) == claim("done-2")
-        assert (False, ["SELECT", "INSERT"]) == claim("new-3")
-        assert (False, ["INSERT"]) == claim("new-4")
-
-    def test_replays_after_a_restart_take_no_write_lock(self, store: SQLiteStore) -> None:
-        """A new store object, and one that replayed last, replays while a writer holds the lock."""
-        for key in ("r-1", "r-2", "r-3"):
-            store.idem_claim(key, "f" * 64, lease_seconds=60.0, retry_unknown=False)
-            store.idem_record(key, 1, key)
         fresh = SQLiteStore(store.path, busy_timeout=0.05)
         writer = sqlite3.connect(store.path, isolation_level=None)
         try:
             writer.execute("BEGIN IMMEDIATE")
             assert fresh.idem_claim("r-1", "f" * 64, lease_seconds=60.0, retry_unknown=False).replay
             writer.execute("COMMIT")
-            fresh.idem_claim("new", "f" * 64, lease_seconds=60.0, retry_unknown=False)
+            claim = fresh.idem_claim("new", "f" * 64, lease_seconds=60.0, retry_unknown=False)
+            fresh.idem_record("new", claim.epoch, "new")
+            writer.execute("BEGIN IMMEDIATE")  # a prune, another process's claim
             assert fresh.idem_claim("r-2", "f" * 64, lease_seconds=60.0, retry_unknown=False).replay
-            writer.execute("BEGIN IMMEDIATE")
-            assert fresh.idem_claim("r-3", "f" * 64, lease_seconds=60.0, retry_unknown=False).replay
             writer.execute("COMMIT")
         finally:
             writer.close()
