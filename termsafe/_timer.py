@@ -132,9 +132,11 @@ class DeadlineTimer:
         Calls of the same ``fn`` (the same object: keep a bound method in an
         attribute) due in the same slot share one heap entry: a storm of
         10,000 kills pushes one entry per slot instead of 10,000, and makes no
-        new object per call. Each ``arg`` runs once per entry (an ``arg``
-        passed twice for one slot runs once). ``fn`` runs once per ``arg``,
-        in the order they joined; one that raises is logged and the rest run.
+        new object per call. The arguments of an entry are the keys of a dict:
+        ``arg`` must be hashable, and equal arguments count as one (an
+        ``arg`` passed twice for one slot runs once). ``fn`` runs once per
+        ``arg``, in the order they joined; one that raises is logged and the
+        rest run.
 
         Returns:
             The shared entry, for ``cancel(entry, arg)``.
@@ -173,6 +175,7 @@ class DeadlineTimer:
         if entry[2] is None:
             return
         if type(batch) is _Batch:
+            assert arg is not _NO_ARG, "cancel(entry, arg): a shared entry needs the arg to drop"
             batch.pop(arg, None)  # atomic; the timer thread copies the keys before running
             return
         entry[2] = entry[3] = None  # the callback first: see _run

@@ -111,6 +111,11 @@ class TestCancel:
         assert entries[2000:] == sorted(e for e in timer._heap if e[2] is not None)
 
 
+def _slot_ahead() -> float:
+    """A deadline in the middle of a slot far enough ahead that the calls of a test all join it."""
+    return (time.monotonic() + 1.0) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+
+
 class TestBatched:
     """call_batched: the calls of one callback due in the same slot share a heap entry."""
 
@@ -127,7 +132,7 @@ class TestBatched:
                 done.set()
 
         # Far enough ahead that the slot cannot close while the calls join it.
-        slot = (time.monotonic() + 0.2) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+        slot = _slot_ahead()
         entries = [timer.call_batched(slot, record, n) for n in range(100)]
         assert all(e is entries[0] for e in entries)
         assert 1 == len(timer._heap)
@@ -172,7 +177,7 @@ class TestBatched:
             if p == "kept-2":
                 done.set()
 
-        slot = (time.monotonic() + 0.2) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+        slot = _slot_ahead()
         entry = timer.call_batched(slot, record, "kept-1")
         assert timer.call_batched(slot, record, payload) is entry
         assert timer.call_batched(slot, record, "kept-2") is entry
@@ -196,7 +201,7 @@ class TestBatched:
             if n == 2:
                 done.set()
 
-        slot = (time.monotonic() + 0.2) // BATCH_SLOT * BATCH_SLOT + BATCH_SLOT / 2
+        slot = _slot_ahead()
         for n in range(3):
             timer.call_batched(slot, call, n)
         assert done.wait(WAIT)
