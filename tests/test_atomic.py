@@ -597,9 +597,15 @@ class TestAtomicFile:
             ({"path": ""}, ConfigurationError),
             ({"mode": 1}, InvalidArgumentType),
             ({"durable": 1}, InvalidArgumentType),
+            ({"durable": None}, InvalidArgumentType),
             ({"buffering": 1.5}, InvalidArgumentType),
+            # Equal to the default, but not an int: the fast path must not take it.
+            ({"buffering": -1.0}, InvalidArgumentType),
+            ({"buffering": True}, InvalidArgumentType),
             ({"buffering": 0}, ConfigurationError),
             ({"mode": "wb", "encoding": "utf-8"}, ConfigurationError),
+            ({"mode": "wb", "errors": "strict"}, ConfigurationError),
+            ({"mode": "wb", "newline": ""}, ConfigurationError),
             ({"encoding": "no-such-codec"}, ConfigurationError),
         ],
     )
@@ -869,6 +875,31 @@ class TestAtomicFileOutsideAWorkflow:
         assert b"old" == target.read_bytes()
         assert [] == ours(folder)
 
+    def test_makes_no_lock(
+        self, folder: Path, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A write outside a workflow makes (and so takes) no lock: only its own thread touches it.
+
+        A lock per write is about 7 us of a durable write's CPU time once the
+        caches are cold (benchmarks/bench_atomic.py).
+        """
+        target = folder / "f"
+        with atomic_file(target, "wb", store=store) as f:  # the folder's standing entry
+            f.write(b"first")
+        real = threading.Lock
+        made: list[object] = []
+
+        def lock() -> Any:
+            made.append(real())
+            return made[-1]
+
+        monkeypatch.setattr(threading, "Lock", lock)
+        with atomic_file(target, "wb", store=store) as f:
+            f.write(b"second")
+        monkeypatch.undo()
+        assert [] == made
+        assert b"second" == target.read_bytes()
+
 
 class TestAtomicFileInWorkflow:
     def test_hooks_registered_then_removed(
@@ -919,6 +950,43 @@ class TestAtomicFileInWorkflow:
                 raised.append(exc)
                 raise
         assert 1 == len(raised)
+        assert b"old" == target.read_bytes()
+        assert [] == ours(folder)
+        assert [] == per_write_entries(store)
+
+    def test_writer_abandoned_then_back(
+        self, folder: Path, store: SQLiteStore, make_term: TermFactory, jobs: Jobs
+    ) -> None:
+        """A writer the terminator gave up on finds its temp gone and commits nothing.
+
+        The system phase runs the rollback hook from the terminator's thread
+        while the workflow's own thread is stuck in the body; that thread then
+        writes on into the removed temp, and its exit must neither put the new
+        content in place nor leave anything behind.
+        """
+        term = make_term(phases=Phases(0.05, 0.05), store=store, hook_timeout=WAIT)
+        target = folder / "f"
+        target.write_bytes(b"old")
+        ready, gate = threading.Event(), threading.Event()
+        temps_at_takeover: list[list[str]] = []
+
+        def body() -> None:
+            with term.workflow("writer"), atomic_file(target, "wb") as f:
+                f.write(b"new")
+                ready.set()
+                assert gate.wait(WAIT * 2)  # not a cancellation point: the thread is stuck
+                temps_at_takeover.append(ours(folder))
+                f.write(b" and more")
+
+        job = jobs.start(body, name="stuck-writer")
+        assert ready.wait(WAIT)
+        handle = term.kill("writer", by=ADMIN, reason="hung")
+        try:
+            assert termsafe.WorkflowState.KILLED == handle.wait(WAIT)
+        finally:
+            gate.set()
+        job.result()  # its commit was refused, absorbed by the workflow
+        assert [[]] == temps_at_takeover  # removed by the terminator, not by the owner
         assert b"old" == target.read_bytes()
         assert [] == ours(folder)
         assert [] == per_write_entries(store)
