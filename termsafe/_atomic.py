@@ -372,6 +372,9 @@ def _make_temp(head: str, prefix: str) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no unused temp name", f"{head}{prefix}")
 
 
+#: The ``newline`` values ``open()`` accepts.
+_NEWLINES: Final = (None, "", "\n", "\r", "\r\n")
+
 #: What the rollback takes instead of a lock outside a workflow (only the owner rolls back).
 _NO_LOCK: Final[AbstractContextManager[None]] = contextlib.nullcontext()
 
@@ -685,9 +688,21 @@ class _AtomicFile(_AtomicOperation):
             )
         if encoding is not None:
             try:
-                codecs.lookup(encoding)
+                info = codecs.lookup(encoding)
             except (LookupError, TypeError):
                 raise ConfigurationError(f"unknown encoding {encoding!r}") from None
+            if not getattr(info, "_is_text_encoding", True):
+                raise ConfigurationError(
+                    f"{encoding!r} is not a text encoding (a bytes-to-bytes codec)"
+                )
+        if errors is not None and not isinstance(errors, str):
+            raise InvalidArgumentType(f"errors must be a str (got {errors!r})")
+        if newline is not None and not isinstance(newline, str):
+            raise InvalidArgumentType(f"newline must be a str or None (got {newline!r})")
+        if newline not in _NEWLINES:
+            raise ConfigurationError(
+                f"newline must be None, '', '\\n', '\\r' or '\\r\\n' (got {newline!r})"
+            )
         self._encoding = encoding
         self._errors = errors
         self._newline = newline
@@ -1008,10 +1023,11 @@ def atomic_file(
         A context manager yielding the file object (``TextIO`` or ``BinaryIO``).
 
     Raises:
-        InvalidArgumentType: ``path``, ``mode``, ``durable`` or ``buffering`` has the
-            wrong type.
+        InvalidArgumentType: ``path``, ``mode``, ``durable``, ``buffering``,
+            ``errors`` or ``newline`` has the wrong type.
         ConfigurationError: ``mode`` is not a write mode (``"a"``, ``"r"``, ``"w+"``,
-            ...), or the options do not fit the mode.
+            ...), the options do not fit the mode, ``encoding`` is unknown or
+            not a text encoding, or ``newline`` is not one ``open()`` takes.
         FileExistsError: exclusive mode and the file exists (on entry or at commit).
         IsADirectoryError: ``path`` is a directory (on entry).
         AtomicWriteError: a step failed (``stat``, ``create temp``, ``write``,

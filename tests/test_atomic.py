@@ -607,16 +607,24 @@ class TestAtomicFile:
             ({"mode": "wb", "errors": "strict"}, ConfigurationError),
             ({"mode": "wb", "newline": ""}, ConfigurationError),
             ({"encoding": "no-such-codec"}, ConfigurationError),
+            ({"encoding": "rot13"}, ConfigurationError),  # a codec, not a text encoding
+            ({"errors": 5}, InvalidArgumentType),
+            ({"newline": "bad"}, ConfigurationError),
+            ({"newline": 5}, InvalidArgumentType),
         ],
     )
     def test_bad_arguments(
         self, folder: Path, kwargs: dict[str, Any], error: type[Exception]
     ) -> None:
-        """Wrong types and values raise at the call, naming the value."""
+        """Wrong types and values raise at the call, naming the value; nothing is written."""
         args: dict[str, Any] = {"path": folder / "f", **kwargs}
         path = args.pop("path")
-        with pytest.raises(error):
+        with pytest.raises(error) as info:
             atomic_file(path, **args)
+        bad = next(iter(kwargs.values())) if "mode" not in kwargs else None
+        if bad is not None and not isinstance(bad, bool) and bad != 0:
+            assert repr(bad) in str(info.value)
+        assert [] == os.listdir(folder)
 
     def test_directory_target(self, folder: Path, store: SQLiteStore) -> None:
         """A directory at the path raises IsADirectoryError naming it."""
@@ -875,29 +883,17 @@ class TestAtomicFileOutsideAWorkflow:
         assert b"old" == target.read_bytes()
         assert [] == ours(folder)
 
-    def test_makes_no_lock(
-        self, folder: Path, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_makes_no_lock(self, folder: Path, store: SQLiteStore) -> None:
         """A write outside a workflow makes (and so takes) no lock: only its own thread touches it.
 
         A lock per write is about 7 us of a durable write's CPU time once the
         caches are cold (benchmarks/bench_atomic.py).
         """
         target = folder / "f"
-        with atomic_file(target, "wb", store=store) as f:  # the folder's standing entry
-            f.write(b"first")
-        real = threading.Lock
-        made: list[object] = []
-
-        def lock() -> Any:
-            made.append(real())
-            return made[-1]
-
-        monkeypatch.setattr(threading, "Lock", lock)
-        with atomic_file(target, "wb", store=store) as f:
+        cm: Any = atomic_file(target, "wb", store=store)  # its internals are looked at
+        with cm as f:
             f.write(b"second")
-        monkeypatch.undo()
-        assert [] == made
+        assert None is cm._lock
         assert b"second" == target.read_bytes()
 
 
@@ -915,6 +911,59 @@ class TestAtomicFileInWorkflow:
                 f.write(b"x")
             assert before == wf.pending_hooks
         assert [] == per_write_entries(store)
+
+    def test_rollback_from_another_thread_waits_for_the_rename(
+        self,
+        folder: Path,
+        store: SQLiteStore,
+        make_term: TermFactory,
+        jobs: Jobs,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Inside a workflow the rollback hook, run by another thread mid-rename, waits and yields.
+
+        The terminator may run the hook while the owner commits: the write's
+        lock makes one of them win whole. Here the rename is held open until
+        the hook either finished (no lock: the temp would be gone and the
+        rename fail) or had half a second to try.
+        """
+        term = make_term(store=store)
+        target = folder / "f"
+        target.write_bytes(b"old")
+        real_replace = os.replace
+        in_rename = threading.Event()
+        release = threading.Event()
+        hook_done = threading.Event()
+
+        def held_replace(src: Any, dst: Any) -> None:
+            if os.path.basename(src).startswith(TEMP_PREFIX):
+                in_rename.set()
+                assert release.wait(WAIT)
+            real_replace(src, dst)
+
+        cm: Any = atomic_file(target, "wb")  # its rollback hook is called directly
+
+        def rollback() -> None:
+            assert in_rename.wait(WAIT)
+            cm._remove_temp()  # what the terminator's sweep calls
+            hook_done.set()
+
+        def releaser() -> None:
+            assert in_rename.wait(WAIT)
+            hook_done.wait(0.5)
+            release.set()
+
+        monkeypatch.setattr(os, "replace", held_replace)
+        hook = jobs.start(rollback)
+        freer = jobs.start(releaser)
+        with term.workflow("writer"), cm as f:
+            f.write(b"new")
+        monkeypatch.undo()
+        hook.result()
+        freer.result()
+        assert "committed" == cm._state
+        assert b"new" == target.read_bytes()
+        assert [] == ours(folder)
 
     def test_kill_during_body_rolls_back(
         self, folder: Path, store: SQLiteStore, make_term: TermFactory
