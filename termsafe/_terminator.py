@@ -543,18 +543,21 @@ class Terminator:
         """
         if not isinstance(principal, Principal):
             raise InvalidArgumentType(f"principal must be a Principal (got {principal!r})")
-        wf = self._live.get(workflow_id)
+        return self._decide(workflow_id, principal)[0]
+
+    def _decide(self, workflow_id: str, principal: Principal) -> tuple[Decision, Workflow | None]:
+        """``can_kill``'s decision, and the live workflow if it may be killed (else ``None``)."""
+        live = self._live.get(workflow_id)
+        wf = live if live is not None else self._finished.get(workflow_id)
         if wf is None:
-            wf = self._finished.get(workflow_id)
-            if wf is None:
-                return perms.NOT_FOUND
+            return perms.NOT_FOUND, None
         if not self._permitted(wf, principal):
-            return perms.NO_PERMISSION
-        if is_terminal(wf.state):
-            return perms.FINISHED
+            return perms.NO_PERMISSION, None
+        if live is None or is_terminal(wf.state):
+            return perms.FINISHED, None
         if wf.sections:
-            return perms.IN_SECTION
-        return perms.OK
+            return perms.IN_SECTION, wf
+        return perms.OK, wf
 
     def _permitted(self, wf: Workflow, principal: Principal) -> bool:
         policy = self._policies.get(principal.id) if principal.kind == "system" else None
@@ -605,17 +608,11 @@ class Terminator:
         """``kill()`` after its type checks."""
         if self._closed:
             raise TerminatorClosed(f"cannot kill {workflow_id!r}: this terminator is closed")
-        # can_kill's checks in its order, written out (one lookup, one
-        # permission check); a workflow in a section is not refused: deferred.
-        live = self._live.get(workflow_id)
-        wf = live if live is not None else self._finished.get(workflow_id)
+        # A workflow in a section is not refused: its kill is deferred.
+        decision, wf = self._decide(workflow_id, by)
         if wf is None:
-            self._refuse(workflow_id, by, reason, perms.NOT_FOUND)
+            self._refuse(workflow_id, by, reason, decision)
         assert wf is not None
-        if not self._permitted(wf, by):
-            self._refuse(workflow_id, by, reason, perms.NO_PERMISSION)
-        if live is None or is_terminal(wf.state):
-            self._refuse(workflow_id, by, reason, perms.FINISHED)
         handle = self._start_kill(wf, by, reason, force)
         assert handle is not None  # a finished workflow was refused
         return handle
@@ -935,9 +932,8 @@ class Terminator:
                 if request.grace_deadline is not None:
                     system_at = max(system_at, request.grace_deadline + self.phases.forced)
                 request.system_at = min(request.system_at, system_at)
-            self._timer.cancel(
-                request.timer, request
-            )  # the forced deadline, unless it is this call
+            # The forced deadline, unless it is this call.
+            self._timer.cancel(request.timer, request)
             request.timer = self._timer.call_batched(
                 request.system_at, self._on_system_due, request
             )
