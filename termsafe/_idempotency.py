@@ -659,17 +659,7 @@ class IdempotentCall:
             self._leave(exc)
             raise
         try:
-            if wf is None and not claim.replay and not claim.retried:
-                # _claimed(claim) for a first claim outside a workflow (the
-                # common case), written out: no hook, no event, the lease.
-                self.epoch = claim.epoch
-                self.sent = not self.explicit_send
-                self._state = _CLAIMED
-                keeper = self._keeper = _keeper_for(get_terminator()._timer)
-                self._renewing = True
-                keeper.arm(self, self.lease / 3)
-            else:
-                self._claimed(claim)
+            self._claimed(claim)
         except BaseException as exc:
             self._claim_unused()
             self._leave(exc)
